@@ -1,0 +1,1 @@
+"""Console scripts; each is a thin wrapper around the library."""

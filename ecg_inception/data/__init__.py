@@ -1,0 +1,1 @@
+"""Data layer: scan, audit, duplicates, crop, split, transforms, caches, datamodule."""

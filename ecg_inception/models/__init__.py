@@ -1,0 +1,1 @@
+"""Models: timm backbone, freezing, EcgClassifier, metrics."""

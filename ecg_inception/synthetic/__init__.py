@@ -1,0 +1,1 @@
+"""Synthetic 12-lead ECG printouts: the built-in default data and the test fixture."""
