@@ -1,0 +1,144 @@
+"""Run reports: metrics.json, a confusion-matrix plot and training curves."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+METRICS_FILE = "metrics.json"
+CONFUSION_FILE = "confusion_matrix.png"
+CURVES_FILE = "training_curves.png"
+
+
+class MetricsHistory(pl.Callback):
+    """Collect epoch-level logged scalars (train/*, val/*) so curves can be drawn without a logger."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        row: dict[str, float] = {"epoch": float(trainer.current_epoch)}
+        for key, value in trainer.callback_metrics.items():
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                row[key] = float(value)
+        self.rows.append(row)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = list(state_dict.get("rows", []))
+
+
+def _plain(value: Any) -> Any:
+    """Make a value JSON-ready; NaN and inf become None so the file stays valid JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _plain(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_metrics(path: str | Path, metrics: Mapping[str, Any]) -> Path:
+    """Write `metrics` as indented JSON; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_plain(metrics), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    return path
+
+
+def plot_confusion_matrix(
+    matrix: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path, title: str = ""
+) -> Path:
+    """Draw a confusion matrix (rows = true labels) with counts in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.2 * n, 1.2 + 1.1 * n), dpi=100)
+    ax.imshow(matrix, cmap="Blues")
+    peak = max((max(row) for row in matrix), default=0)
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            colour = "white" if peak and count > peak / 2 else "black"
+            ax.text(j, i, str(int(count)), ha="center", va="center", color=colour)
+    short = [label.replace("_", "\n") for label in labels]
+    ax.set_xticks(range(n), short, fontsize=8)
+    ax.set_yticks(range(n), short, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(rows: Sequence[Mapping[str, float]], path: str | Path) -> Path | None:
+    """Draw loss and accuracy per epoch; returns None when there is nothing to draw."""
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
+    for ax, metric in zip(axes, ("loss", "acc")):
+        for stage in ("train", "val"):
+            key = f"{stage}/{metric}"
+            points = [(r["epoch"], r[key]) for r in rows if key in r]
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", markersize=3, label=stage)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    out_dir: str | Path,
+    metrics: Mapping[str, Any],
+    history: Sequence[Mapping[str, float]] = (),
+    plots: bool = True,
+) -> dict[str, Path]:
+    """Write metrics.json and, with `plots`, the confusion matrix (test, else val) and training curves."""
+    out_dir = Path(out_dir)
+    written = {"metrics": write_metrics(out_dir / METRICS_FILE, metrics)}
+    if not plots:
+        return written
+    labels = metrics.get("labels", [])
+    for stage in ("test", "val"):
+        stage_metrics = metrics.get(stage)
+        if stage_metrics and stage_metrics.get("confusion_matrix"):
+            title = f"{stage} ({metrics.get('protocol', '?')}{', LEAKY' if metrics.get('leaky') else ''})"
+            written["confusion_matrix"] = plot_confusion_matrix(
+                stage_metrics["confusion_matrix"], labels, out_dir / CONFUSION_FILE, title=title
+            )
+            break
+    curves = plot_curves(history, out_dir / CURVES_FILE)
+    if curves is not None:
+        written["curves"] = curves
+    return written
