@@ -1,0 +1,20 @@
+"""`ecg-inception-train [overrides]`: a thin Hydra wrapper around `ecg_inception.train.train`."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from ecg_inception.train import get_metric_value, train
+
+
+@hydra.main(version_base="1.3", config_path="pkg://ecg_inception.conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Train, test and report; returns `optimized_metric` for sweepers."""
+    metrics, _ = train(cfg)
+    print(f"Report: {cfg.paths.output_dir}/metrics.json")
+    return get_metric_value(metrics, cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Training and evaluation as pure functions of a composed Hydra config.
+
+`train(cfg) -> (metrics, objects)` and `evaluate(cfg) -> (metrics, objects)` do all the work; the console scripts
+in `ecg_inception.cli` only wrap them with `@hydra.main`. Tests call them with configs from the compose API.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+from ecg_inception.data.datamodule import EcgDataModule
+from ecg_inception.models.backbone import check_pretrained_available
+from ecg_inception.models.module import EcgClassifier
+from ecg_inception.report import MetricsHistory, write_report
+
+log = logging.getLogger(__name__)
+
+SPLITS_FILE = "splits.csv"
+
+
+def instantiate_callbacks(callbacks_cfg: DictConfig | None) -> list[Callback]:
+    """Instantiate every callback config that has a `_target_` (entries set to null are skipped)."""
+    callbacks: list[Callback] = []
+    for name, cb_conf in (callbacks_cfg or {}).items():
+        if cb_conf is None:
+            continue
+        if not isinstance(cb_conf, DictConfig) or "_target_" not in cb_conf:
+            raise ValueError(f"callbacks.{name}: expected a config with _target_, got {cb_conf!r}")
+        callbacks.append(instantiate(cb_conf))
+    return callbacks
+
+
+def instantiate_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
+    """Instantiate every logger config that has a `_target_`."""
+    loggers: list[Logger] = []
+    for name, lg_conf in (logger_cfg or {}).items():
+        if lg_conf is None:
+            continue
+        if not isinstance(lg_conf, DictConfig) or "_target_" not in lg_conf:
+            raise ValueError(f"logger.{name}: expected a config with _target_, got {lg_conf!r}")
+        loggers.append(instantiate(lg_conf))
+    return loggers
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, log_dir: Path, task_name: str) -> Path | None:
+    """`last` -> this run's checkpoints/last.ckpt, else the newest last.ckpt of earlier runs; paths are checked."""
+    if ckpt_path in (None, ""):
+        return None
+    if ckpt_path == "last":
+        own = output_dir / "checkpoints" / "last.ckpt"
+        if own.is_file():
+            return own
+        candidates = sorted(
+            (log_dir / task_name).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
+        )
+        if not candidates:
+            raise FileNotFoundError(
+                f"ckpt_path=last: no last.ckpt in {own.parent} nor under {log_dir / task_name}; "
+                "give ckpt_path=/path/to/last.ckpt"
+            )
+        return candidates[-1]
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+    return path
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock, so that concurrent sweep jobs create a shared file once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _split_manifest_for(cfg: DictConfig, ckpt: Path | None) -> str | None:
+    """The manifest this run must reuse: data.split_manifest, else the resumed run's splits.csv."""
+    if cfg.data.get("split_manifest"):
+        return str(cfg.data.split_manifest)
+    if ckpt is not None:
+        candidate = ckpt.parent.parent / SPLITS_FILE
+        if candidate.is_file():
+            log.info("Resuming: reusing the split manifest %s", candidate)
+            return str(candidate)
+    return None
+
+
+def setup_datamodule(cfg: DictConfig, output_dir: Path, split_manifest: str | None, **overrides: Any) -> EcgDataModule:
+    """Instantiate cfg.data, prepare and set it up; the manifest it used is written to the run dir.
+
+    A sweep config may set `shared_split_manifest`: the first job creates that file (under a lock) and every
+    job reuses it, so all grid points see exactly the same split.
+    """
+    shared = cfg.get("shared_split_manifest")
+    if split_manifest is None and shared:
+        shared_path = Path(str(shared))
+        with _file_lock(shared_path.with_name(shared_path.name + ".lock")):
+            if not shared_path.is_file():
+                dm = instantiate(cfg.data, manifest_out=str(shared_path), **overrides)
+                dm.prepare_data()
+                dm.setup("fit")
+                shutil.copyfile(shared_path, output_dir / SPLITS_FILE)
+                return dm
+        split_manifest = str(shared_path)
+    dm = instantiate(cfg.data, split_manifest=split_manifest, manifest_out=str(output_dir / SPLITS_FILE), **overrides)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def _model_checkpoint(callbacks: list[Callback]) -> ModelCheckpoint | None:
+    return next((cb for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
+
+
+def _scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 0)() == 1}
+
+
+def get_metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
+    """The value a sweeper optimises, from the logged scalars of a run; a missing name is an error."""
+    if not name:
+        return None
+    logged = metrics.get("logged", {})
+    if name not in logged:
+        raise KeyError(f"optimized_metric={name!r} was not logged; logged: {sorted(logged)}")
+    return float(logged[name])
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit on the training split, test the best checkpoint, write the run report; returns (metrics, objects)."""
+    started = time.perf_counter()
+    output_dir = Path(str(cfg.paths.output_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    pl.seed_everything(int(cfg.seed), workers=True)
+
+    # Fail fast (before any data is generated) when ImageNet weights cannot be had.
+    check_pretrained_available(
+        str(cfg.model.model_name), cfg.model.get("pretrained"), cfg.model.get("pretrained_file")
+    )
+    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(str(cfg.paths.log_dir)), str(cfg.task_name))
+    datamodule = setup_datamodule(
+        cfg, output_dir, _split_manifest_for(cfg, ckpt), drop_last=bool(cfg.model.get("aux_logits", False))
+    )
+    model: EcgClassifier = instantiate(
+        cfg.model,
+        num_classes=datamodule.num_classes,
+        labels=list(datamodule.labels),
+        class_weights=datamodule.class_weights,
+        preprocessing=datamodule.preprocessing,
+    )
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    history = MetricsHistory()
+    callbacks.append(history)
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    if cfg.get("train", True):
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    logged = _scalar_metrics(trainer)
+    checkpoint = _model_checkpoint(callbacks)
+    best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
+    eval_ckpt = best if best else None
+    trainer.validate(model=model, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False)
+    if cfg.get("test", True):
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False)
+    logged.update({k: v for k, v in _scalar_metrics(trainer).items() if k.startswith("test/")})
+
+    manifest = datamodule.manifest
+    metrics: dict[str, Any] = {
+        "labels": list(datamodule.labels),
+        "protocol": manifest.protocol,
+        "leaky": bool(manifest.leaky),
+        "seed": int(cfg.seed),
+        "counts": manifest.counts(),
+        "best_checkpoint": best,
+        "epochs": int(trainer.current_epoch),
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "val": model.last_reports.get("val"),
+        "test": model.last_reports.get("test"),
+        "logged": logged,
+    }
+    write_report(output_dir, metrics, history.rows, plots=bool(cfg.get("plots", True)))
+    log.info("Report written to %s", output_dir)
+    objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer, "history": history}
+    return metrics, objects
+
+
+def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Evaluate a checkpoint with the preprocessing and label order it carries; writes metrics.json."""
+    output_dir = Path(str(cfg.paths.output_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(int(cfg.seed), workers=True)
+    ckpt = resolve_ckpt_path(str(cfg.ckpt_path), output_dir, Path(str(cfg.paths.log_dir)), "train")
+    assert ckpt is not None
+    model = EcgClassifier.load_from_checkpoint(ckpt, map_location="cpu", pretrained=False, pretrained_file=None)
+    prep = dict(model.hparams.get("preprocessing") or {})
+    data_overrides: dict[str, Any] = {}
+    for key_ckpt, key_data in (("model_name", "model_name"), ("size", "image_size"), ("resize", "resize"),
+                               ("crop", "crop")):
+        if key_ckpt in prep:
+            data_overrides[key_data] = prep[key_ckpt]
+    datamodule = setup_datamodule(cfg, output_dir, _split_manifest_for(cfg, ckpt), **data_overrides)
+    labels = list(model.hparams.get("labels") or [])
+    if labels and labels != list(datamodule.labels):
+        raise ValueError(
+            f"{ckpt}: the checkpoint was trained on labels {labels}, the data has {list(datamodule.labels)}"
+        )
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False)
+    splits = list(cfg.get("splits", ["val", "test"]))
+    if "val" in splits:
+        trainer.validate(model=model, datamodule=datamodule, verbose=False)
+    if "test" in splits:
+        trainer.test(model=model, datamodule=datamodule, verbose=False)
+    manifest = datamodule.manifest
+    metrics: dict[str, Any] = {
+        "labels": list(datamodule.labels),
+        "protocol": manifest.protocol,
+        "leaky": bool(manifest.leaky),
+        "checkpoint": str(ckpt),
+        "counts": manifest.counts(),
+    }
+    for split in splits:
+        metrics[split] = model.last_reports.get(split)
+    write_report(output_dir, metrics, plots=bool(cfg.get("plots", True)))
+    log.info("Report written to %s", output_dir)
+    return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
