@@ -1,0 +1,131 @@
+"""End-to-end training, evaluation, resume and sweeps on tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+from ecg_inception.train import evaluate, train
+
+METRIC_KEYS = {"accuracy", "precision_micro", "recall_micro", "f1_micro", "precision_macro", "recall_macro",
+               "f1_macro", "auroc_macro", "loss", "per_class", "confusion_matrix"}
+
+
+def tiny_overrides(root: Path, tmp: Path, out: str = "run") -> list[str]:
+    return [
+        f"data.root={root}",
+        "data.image_size=75",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        f"paths.cache_dir={tmp / 'cache'}",
+        f"paths.log_dir={tmp / 'logs'}",
+        f"paths.output_dir={tmp / out}",
+        "model.pretrained=false",
+        "model.aux_logits=false",
+        "model/unfreeze=all",
+        "trainer.max_epochs=2",
+        "callbacks.rich_progress_bar=null",
+        "+trainer.enable_model_summary=false",
+        "+trainer.enable_progress_bar=false",
+    ]
+
+
+def compose_cfg(name: str, overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="ecg_inception.conf", version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = compose_cfg("train", tiny_overrides(synthetic_root, tmp))
+    metrics, objects = train(cfg)
+    return tmp, cfg, metrics, objects
+
+
+def test_run_dir_holds_the_full_report(trained) -> None:
+    tmp, cfg, metrics, _ = trained
+    run = Path(cfg.paths.output_dir)
+    for name in ("config.yaml", "splits.csv", "metrics.json", "confusion_matrix.png", "training_curves.png"):
+        assert (run / name).is_file(), name
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert any(p.name != "last.ckpt" for p in (run / "checkpoints").glob("*.ckpt"))
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["labels"] == ["myocardial_infarction", "history_of_mi", "abnormal_heartbeat", "normal"]
+    assert saved["protocol"] == "leakfree" and saved["leaky"] is False
+    for split in ("val", "test"):
+        assert METRIC_KEYS <= set(saved[split]), split
+        assert set(saved[split]["per_class"]) == set(saved["labels"])
+        for stats in saved[split]["per_class"].values():
+            assert {"precision", "recall", "f1", "support"} <= set(stats)
+        cm = saved[split]["confusion_matrix"]
+        assert len(cm) == 4 and all(len(row) == 4 for row in cm)
+        assert sum(map(sum, cm)) == sum(saved[split]["per_class"][k]["support"] for k in saved["labels"])
+    assert "val/acc_best" in saved["logged"]
+
+
+def test_same_seed_gives_identical_metrics(trained, synthetic_root: Path, tmp_path: Path) -> None:
+    _, _, first, _ = trained
+    cfg = compose_cfg("train", tiny_overrides(synthetic_root, tmp_path, out="again"))
+    second, _ = train(cfg)
+    assert second["val"] == first["val"]
+    assert second["test"] == first["test"]
+
+
+def test_resume_from_last_checkpoint(trained, synthetic_root: Path) -> None:
+    tmp, cfg, _, objects = trained
+    overrides = tiny_overrides(synthetic_root, tmp) + ["ckpt_path=last", "trainer.max_epochs=3"]
+    resumed, objs = train(compose_cfg("train", overrides))
+    assert objs["trainer"].current_epoch == 3
+    assert resumed["epochs"] == 3
+
+
+def test_evaluate_uses_checkpoint_preprocessing(trained, tmp_path: Path) -> None:
+    _, cfg, metrics, _ = trained
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    ev_cfg = compose_cfg("eval", [f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path / 'eval'}",
+                                  f"paths.cache_dir={tmp_path / 'cache'}", "data.num_workers=0",
+                                  "+trainer.enable_progress_bar=false"])
+    result, objects = evaluate(ev_cfg)
+    assert objects["datamodule"].data_config.size == 75
+    assert METRIC_KEYS <= set(result["test"])
+    assert (tmp_path / "eval" / "metrics.json").is_file()
+
+
+def test_offline_pretrained_fails_fast_before_any_data(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    overrides = tiny_overrides(tmp_path / "never-made", tmp_path)
+    overrides = [o for o in overrides if not o.startswith("model.pretrained=")] + ["model.pretrained=true"]
+    started = time.perf_counter()
+    with pytest.raises(Exception, match="model.pretrained_file"):
+        train(compose_cfg("train", overrides))
+    assert time.perf_counter() - started < 10
+    assert not (tmp_path / "cache").exists()
+
+
+def test_multirun_grid_writes_one_report_per_job(synthetic_root: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    args = [a for a in tiny_overrides(synthetic_root, tmp_path) if not a.startswith("paths.output_dir")]
+    args = [a.replace("trainer.max_epochs=2", "trainer.max_epochs=1") for a in args]
+    cmd = [sys.executable, "-m", "ecg_inception.cli.train", "-m", *args,
+           "model.drop_rate=0.3,0.5", "data.batch_size=4,8",
+           f"hydra.sweep.dir={sweep}", "+shared_split_manifest=${hydra:sweep.dir}/splits.csv"]
+    env = dict(os.environ, HYDRA_FULL_ERROR="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert len(runs) == 4
+    manifests = set()
+    for run in runs:
+        assert json.loads((run / "metrics.json").read_text())["test"]["accuracy"] is not None
+        manifests.add((run / "splits.csv").read_text())
+    assert len(manifests) == 1, "every job of a sweep must use the same split"
