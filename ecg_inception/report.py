@@ -100,12 +100,12 @@ def plot_curves(rows: Sequence[Mapping[str, float]], path: str | Path) -> Path |
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
-    for ax, metric in zip(axes, ("loss", "acc")):
+    for ax, metric in zip(axes, ("loss", "acc"), strict=True):
         for stage in ("train", "val"):
             key = f"{stage}/{metric}"
             points = [(r["epoch"], r[key]) for r in rows if key in r]
             if points:
-                xs, ys = zip(*points)
+                xs, ys = zip(*points, strict=True)
                 ax.plot(xs, ys, marker="o", markersize=3, label=stage)
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)

@@ -102,7 +102,9 @@ def _split_manifest_for(cfg: DictConfig, ckpt: Path | None) -> str | None:
     return None
 
 
-def setup_datamodule(cfg: DictConfig, output_dir: Path, split_manifest: str | None, **overrides: Any) -> EcgDataModule:
+def setup_datamodule(
+    cfg: DictConfig, output_dir: Path, split_manifest: str | None, **overrides: Any
+) -> EcgDataModule:
     """Instantiate cfg.data, prepare and set it up; the manifest it used is written to the run dir.
 
     A sweep config may set `shared_split_manifest`: the first job creates that file (under a lock) and every
@@ -119,7 +121,9 @@ def setup_datamodule(cfg: DictConfig, output_dir: Path, split_manifest: str | No
                 shutil.copyfile(shared_path, output_dir / SPLITS_FILE)
                 return dm
         split_manifest = str(shared_path)
-    dm = instantiate(cfg.data, split_manifest=split_manifest, manifest_out=str(output_dir / SPLITS_FILE), **overrides)
+    dm = instantiate(
+        cfg.data, split_manifest=split_manifest, manifest_out=str(output_dir / SPLITS_FILE), **overrides
+    )
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -155,7 +159,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_pretrained_available(
         str(cfg.model.model_name), cfg.model.get("pretrained"), cfg.model.get("pretrained_file")
     )
-    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(str(cfg.paths.log_dir)), str(cfg.task_name))
+    ckpt = resolve_ckpt_path(
+        cfg.get("ckpt_path"), output_dir, Path(str(cfg.paths.log_dir)), str(cfg.task_name)
+    )
     datamodule = setup_datamodule(
         cfg, output_dir, _split_manifest_for(cfg, ckpt), drop_last=bool(cfg.model.get("aux_logits", False))
     )
@@ -210,11 +216,17 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     pl.seed_everything(int(cfg.seed), workers=True)
     ckpt = resolve_ckpt_path(str(cfg.ckpt_path), output_dir, Path(str(cfg.paths.log_dir)), "train")
     assert ckpt is not None
-    model = EcgClassifier.load_from_checkpoint(ckpt, map_location="cpu", pretrained=False, pretrained_file=None)
+    model = EcgClassifier.load_from_checkpoint(
+        ckpt, map_location="cpu", pretrained=False, pretrained_file=None
+    )
     prep = dict(model.hparams.get("preprocessing") or {})
     data_overrides: dict[str, Any] = {}
-    for key_ckpt, key_data in (("model_name", "model_name"), ("size", "image_size"), ("resize", "resize"),
-                               ("crop", "crop")):
+    for key_ckpt, key_data in (
+        ("model_name", "model_name"),
+        ("size", "image_size"),
+        ("resize", "resize"),
+        ("crop", "crop"),
+    ):
         if key_ckpt in prep:
             data_overrides[key_data] = prep[key_ckpt]
     datamodule = setup_datamodule(cfg, output_dir, _split_manifest_for(cfg, ckpt), **data_overrides)

@@ -35,10 +35,25 @@ def test_every_experiment_composes(experiment: str, tmp_path) -> None:
     cfg = _compose(overrides=[f"experiment={experiment}", f"paths.output_dir={tmp_path}"])
     # Everything outside the hydra node resolves without a running Hydra app.
     OmegaConf.to_container(cfg, resolve=True)
-    for key in ("seed", "data.root", "data.protocol", "data.batch_size", "data.split_manifest", "model.pretrained",
-                "model.pretrained_file", "model.aux_logits", "model.drop_rate", "model.unfreeze.blocks",
-                "model.unfreeze.layers", "model.optimizer.lr", "trainer.max_epochs", "trainer.accelerator",
-                "trainer.devices", "callbacks.early_stopping.patience", "paths.output_dir"):
+    for key in (
+        "seed",
+        "data.root",
+        "data.protocol",
+        "data.batch_size",
+        "data.split_manifest",
+        "model.pretrained",
+        "model.pretrained_file",
+        "model.aux_logits",
+        "model.drop_rate",
+        "model.unfreeze.blocks",
+        "model.unfreeze.layers",
+        "model.optimizer.lr",
+        "trainer.max_epochs",
+        "trainer.accelerator",
+        "trainer.devices",
+        "callbacks.early_stopping.patience",
+        "paths.output_dir",
+    ):
         OmegaConf.select(cfg, key, throw_on_missing=True)
 
 
@@ -80,8 +95,14 @@ def test_paper_grid_is_the_seeds_grid() -> None:
 def test_data_and_model_instantiate_alone(tmp_path) -> None:
     from ecg_inception import EcgClassifier, EcgDataModule
 
-    cfg = _compose(overrides=["model.pretrained=false", "model.aux_logits=false", "model/unfreeze=all",
-                              f"paths.cache_dir={tmp_path}"])
+    cfg = _compose(
+        overrides=[
+            "model.pretrained=false",
+            "model.aux_logits=false",
+            "model/unfreeze=all",
+            f"paths.cache_dir={tmp_path}",
+        ]
+    )
     dm = instantiate(cfg.data)
     assert isinstance(dm, EcgDataModule)
     model = instantiate(cfg.model)
