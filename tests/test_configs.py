@@ -27,7 +27,7 @@ def _compose(config_name: str = "train", overrides: list[str] | None = None, hyd
 def test_shipped_groups_are_found() -> None:
     assert {"demo", "paper", "leakfree", "scratch_cpu"} <= set(EXPERIMENTS)
     assert {"paper_grid", "optuna"} <= set(SEARCHES)
-    assert {"keras_minus10", "keras_minus3", "blocks3", "all", "head"} <= set(UNFREEZE)
+    assert {"keras_minus10", "keras_minus3", "blocks1", "blocks3", "all", "head"} <= set(UNFREEZE)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -89,7 +89,7 @@ def test_paper_grid_is_the_seeds_grid() -> None:
     assert params["data.batch_size"] == "16,32,64"
     assert params["model.optimizer.lr"] == "0.001,0.01,0.1"
     assert params["model.drop_rate"] == "0.3,0.5"
-    assert set(params["model/unfreeze"].split(",")) == {"keras_minus3", "keras_minus10", "blocks3"}
+    assert set(params["model/unfreeze"].split(",")) == {"keras_minus3", "keras_minus10", "blocks1"}
 
 
 def test_data_and_model_instantiate_alone(tmp_path) -> None:

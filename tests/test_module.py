@@ -1,0 +1,154 @@
+"""EcgClassifier: fit, aux loss, optimizer/scheduler specs, checkpoints (weights_only), metrics report."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, TensorDataset
+
+from ecg_inception.errors import PretrainedWeightsError
+from ecg_inception.models.metrics import REPORT_KEYS, build_metrics, compute_report, report_from_predictions
+from ecg_inception.models.module import EcgClassifier, describe_callable
+
+LABELS = ["myocardial_infarction", "history_of_mi", "abnormal_heartbeat", "normal"]
+PREP = {"model_name": "inception_v3", "size": 75, "resize": "squash", "crop": True, "mean": [0.5] * 3,
+        "std": [0.5] * 3, "interpolation": "bicubic"}
+
+
+def _loader(n: int, size: int, seed: int, batch_size: int = 2) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    data = TensorDataset(torch.randn(n, 3, size, size, generator=g), torch.randint(0, 4, (n,), generator=g))
+    return DataLoader(data, batch_size=batch_size)
+
+
+def _trainer(tmp_path, **kwargs) -> pl.Trainer:
+    defaults = dict(max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                    num_sanity_val_steps=0, default_root_dir=tmp_path)
+    return pl.Trainer(**{**defaults, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def aux_module() -> EcgClassifier:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return EcgClassifier(pretrained=False, aux_logits=True, drop_rate=0.0, unfreeze={"layers": 1})
+
+
+def test_training_loss_includes_the_aux_term(aux_module: EcgClassifier) -> None:
+    """Runs before the fit below: `training_step` outside a Trainer (after one, `self.log` refuses)."""
+    x, y = torch.randn(2, 3, 299, 299, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 3])
+    aux_module.train()
+    with torch.no_grad():
+        logits, aux = aux_module.backbone(x)
+        expected = F.cross_entropy(logits, y) + 0.4 * F.cross_entropy(aux, y)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # self.log outside a Trainer
+            loss = aux_module.training_step((x, y), 0)
+    assert F.cross_entropy(aux, y) > 0 and loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    aux_module.eval()
+    with torch.no_grad():
+        assert aux_module(x).shape == (2, 4)  # forward drops the aux head
+        probs = aux_module.predict_step(x, 0)
+    assert torch.allclose(probs.sum(dim=1), torch.ones(2)) and (probs >= 0).all()
+
+
+def test_one_step_fit_with_aux_at_299(aux_module: EcgClassifier, tmp_path) -> None:
+    before = aux_module.backbone.Mixed_7c.branch_pool.bn.weight.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _trainer(tmp_path).fit(aux_module, _loader(2, 299, 0), _loader(2, 299, 1))
+    assert not torch.equal(before, aux_module.backbone.Mixed_7c.branch_pool.bn.weight)
+    report = aux_module.last_reports["val"]
+    assert set(report) == set(REPORT_KEYS) and sum(map(sum, report["confusion_matrix"])) == 2
+
+
+def test_only_trainable_parameters_are_optimised(aux_module: EcgClassifier) -> None:
+    optimizer = aux_module.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["lr"] == 1e-3
+    in_opt = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    trainable = {id(p) for p in aux_module.parameters() if p.requires_grad}
+    assert in_opt == trainable and len(trainable) < len(list(aux_module.parameters())) / 10
+    assert id(aux_module.backbone.Mixed_7c.branch_pool.conv.weight) not in in_opt
+
+
+def test_loss_options_and_optimizer_specs() -> None:
+    sgd = functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9)
+    assert describe_callable(sgd) == {"name": "torch.optim.sgd.SGD", "lr": 0.05, "momentum": 0.9}
+    model = EcgClassifier(pretrained=False, aux_logits=False, unfreeze=OmegaConf.create({"blocks": "all"}),
+                          labels=OmegaConf.create(LABELS), class_weights=torch.tensor([1.0, 2.0, 1.0, 0.5]),
+                          label_smoothing=0.1, optimizer=sgd,
+                          scheduler={"name": "step", "step_size": 2, "interval": "epoch"})
+    assert model.hparams.unfreeze == {"blocks": "all"} and type(model.hparams.labels) is list
+    assert model.hparams.optimizer["name"] == "torch.optim.sgd.SGD"
+    logits, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 1])
+    expected = F.cross_entropy(logits, y, weight=torch.tensor([1.0, 2.0, 1.0, 0.5]), label_smoothing=0.1)
+    assert model.compute_loss(logits, None, y).item() == pytest.approx(expected.item())
+    config = model.configure_optimizers()
+    assert isinstance(config["optimizer"], torch.optim.SGD) and config["optimizer"].defaults["momentum"] == 0.9
+    assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
+    assert config["lr_scheduler"]["interval"] == "epoch"
+    # The stored description rebuilds the same optimizer without the callable.
+    model._optimizer_factory = None
+    assert isinstance(model.configure_optimizers()["optimizer"], torch.optim.SGD)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        EcgClassifier(pretrained=False, aux_logits=False, optimizer={"name": "nope"})
+    with pytest.raises(ValueError, match="needs a 'name'"):
+        EcgClassifier(pretrained=False, aux_logits=False, scheduler={"step_size": 2})
+
+
+def test_checkpoint_round_trip_offline_and_class_count_errors(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = EcgClassifier(pretrained=False, aux_logits=False, labels=LABELS, preprocessing=PREP,
+                          unfreeze={"blocks": "all"}, optimizer=functools.partial(torch.optim.AdamW, lr=1e-3))
+    trainer = _trainer(tmp_path)
+    trainer.fit(model, _loader(4, 75, 0), _loader(2, 75, 1))
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert raw["hyper_parameters"]["preprocessing"] == PREP and raw["hyper_parameters"]["labels"] == LABELS
+    assert raw["hyper_parameters"]["optimizer"] == {"name": "torch.optim.adamw.AdamW", "lr": 1e-3}
+
+    loaded = EcgClassifier.load_from_checkpoint(path, pretrained=False)
+    x = torch.randn(2, 3, 75, 75)
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert loaded.labels == LABELS and loaded.hparams.preprocessing == PREP
+
+    with pytest.raises(ValueError, match=r"num_classes=3 but 4 labels"):
+        EcgClassifier.load_from_checkpoint(path, pretrained=False, num_classes=3)
+    with pytest.raises(PretrainedWeightsError, match=r"4-class model .*num_classes=3"):
+        EcgClassifier.load_from_checkpoint(path, pretrained=False, num_classes=3, labels=None)
+    three_class = {k: v[:3] if k.startswith("backbone.fc.") else v for k, v in raw["state_dict"].items()}
+    with pytest.raises(PretrainedWeightsError, match=r"3-class model .*num_classes=4"):
+        loaded.load_state_dict(three_class)
+
+
+def test_report_keys_and_a_known_confusion_matrix() -> None:
+    target = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 3, 3])
+    predicted = torch.tensor([0, 0, 1, 1, 1, 2, 0, 3, 3, 2])
+    probs = F.one_hot(predicted, 4).float() * 0.7 + 0.075
+    report = report_from_predictions(probs, target, LABELS, loss=0.5)
+    assert list(report) == list(REPORT_KEYS)
+    assert report["confusion_matrix"] == [[2, 1, 0, 0], [0, 2, 0, 0], [1, 0, 1, 0], [0, 0, 1, 2]]
+    assert report["accuracy"] == pytest.approx(0.7) and report["f1_micro"] == pytest.approx(0.7)
+    mi = report["per_class"]["myocardial_infarction"]
+    assert mi == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "support": 3})
+    assert report["per_class"]["history_of_mi"]["precision"] == pytest.approx(2 / 3)
+    assert report["recall_macro"] == pytest.approx((2 / 3 + 1 + 0.5 + 2 / 3) / 4)
+    assert report["loss"] == 0.5 and 0.5 < report["auroc_macro"] <= 1.0
+    assert all(type(v) is float for k, v in report.items() if k not in ("per_class", "confusion_matrix"))
+    # A class absent from the targets has no AUROC: the macro mean skips it.
+    absent = report_from_predictions(probs[:7], target[:7], LABELS)
+    assert absent["per_class"]["normal"]["support"] == 0 and absent["auroc_macro"] is not None
+    with pytest.raises(ValueError, match="no predictions"):
+        compute_report(build_metrics(4), LABELS)
