@@ -22,13 +22,12 @@ class MetricsHistory(pl.Callback):
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
 
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning runs validation inside the training epoch, so both stages' epoch values are here now.
         row: dict[str, float] = {"epoch": float(trainer.current_epoch)}
         for key, value in trainer.callback_metrics.items():
             if isinstance(value, torch.Tensor) and value.numel() == 1:
-                row[key] = float(value)
+                row[key.removesuffix("_epoch")] = float(value)
         self.rows.append(row)
 
     def state_dict(self) -> dict[str, Any]:

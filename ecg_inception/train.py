@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+from ecg_inception.callbacks import BestWeights
 from ecg_inception.data.datamodule import EcgDataModule
 from ecg_inception.models.backbone import check_pretrained_available
 from ecg_inception.models.module import EcgClassifier
@@ -129,8 +130,19 @@ def setup_datamodule(
     return dm
 
 
-def _model_checkpoint(callbacks: list[Callback]) -> ModelCheckpoint | None:
-    return next((cb for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
+def _best_checkpoint(callbacks: list[Callback]) -> tuple[str | None, str | None]:
+    """(path of the best checkpoint, what to pass as ckpt_path to validate/test).
+
+    With ModelCheckpoint the best file is loaded for testing; BestWeights has already put the best weights
+    back into the model, so testing uses the model as it is.
+    """
+    for cb in callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.best_model_path:
+            return cb.best_model_path, cb.best_model_path
+    for cb in callbacks:
+        if isinstance(cb, BestWeights):
+            return cb.best_model_path or None, None
+    return None, None
 
 
 def _scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
@@ -181,9 +193,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.get("train", True):
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     logged = _scalar_metrics(trainer)
-    checkpoint = _model_checkpoint(callbacks)
-    best = checkpoint.best_model_path if checkpoint is not None and checkpoint.best_model_path else None
-    eval_ckpt = best if best else None
+    best, eval_ckpt = _best_checkpoint(callbacks)
     trainer.validate(model=model, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False)
     if cfg.get("test", True):
         trainer.test(model=model, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False)
