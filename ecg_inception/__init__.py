@@ -10,12 +10,12 @@ __all__ = ["EcgClassifier", "EcgDataModule", "__version__", "train"]
 if TYPE_CHECKING:
     from ecg_inception.data.datamodule import EcgDataModule
     from ecg_inception.models.module import EcgClassifier
-    from ecg_inception.train import train
+    from ecg_inception.training import train
 
 _LAZY = {
     "EcgDataModule": "ecg_inception.data.datamodule",
     "EcgClassifier": "ecg_inception.models.module",
-    "train": "ecg_inception.train",
+    "train": "ecg_inception.training",
 }
 
 

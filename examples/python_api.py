@@ -7,7 +7,7 @@ What it shows:
 - `paths.output_dir` must be set by hand under the compose API (its default, `${hydra:runtime.output_dir}`,
   only resolves inside a running Hydra app);
 - `data.root=null`: a synthetic printout set is generated on first use into `paths.cache_dir`;
-- `train(cfg)` (from `ecg_inception.train`) returning `(metrics, objects)`: the metrics are what `metrics.json` holds,
+- `train(cfg)` (from `ecg_inception.training`) returning `(metrics, objects)`: the metrics are what `metrics.json` holds,
   the objects are the live datamodule, model and trainer;
 - `hydra.utils.instantiate(cfg.data)` for a datamodule on its own (here: to print the split it builds).
 
@@ -34,7 +34,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
-from ecg_inception.train import train
+from ecg_inception.training import train
 
 
 def compose_config(workdir: Path, epochs: int, per_class: int, seed: int):

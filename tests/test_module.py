@@ -152,3 +152,8 @@ def test_report_keys_and_a_known_confusion_matrix() -> None:
     assert absent["per_class"]["normal"]["support"] == 0 and absent["auroc_macro"] is not None
     with pytest.raises(ValueError, match="no predictions"):
         compute_report(build_metrics(4), LABELS)
+
+
+def test_aux_logits_below_299_px_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match=r"aux_logits=True needs inputs of at least 299 px.*data.image_size"):
+        EcgClassifier(pretrained=False, aux_logits=True, preprocessing={"size": 160})

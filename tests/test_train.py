@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
-from ecg_inception.train import evaluate, train
+from ecg_inception.training import evaluate, train
 
 METRIC_KEYS = {
     "accuracy",

@@ -1,11 +1,11 @@
-"""`ecg-inception-eval ckpt_path=... [overrides]`: a thin Hydra wrapper around `ecg_inception.train.evaluate`."""
+"""`ecg-inception-eval ckpt_path=... [overrides]`: a thin Hydra wrapper around `ecg_inception.training.evaluate`."""
 
 from __future__ import annotations
 
 import hydra
 from omegaconf import DictConfig
 
-from ecg_inception.train import evaluate
+from ecg_inception.training import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="pkg://ecg_inception.conf", config_name="eval")

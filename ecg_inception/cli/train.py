@@ -1,11 +1,11 @@
-"""`ecg-inception-train [overrides]`: a thin Hydra wrapper around `ecg_inception.train.train`."""
+"""`ecg-inception-train [overrides]`: a thin Hydra wrapper around `ecg_inception.training.train`."""
 
 from __future__ import annotations
 
 import hydra
 from omegaconf import DictConfig
 
-from ecg_inception.train import get_metric_value, train
+from ecg_inception.training import get_metric_value, train
 
 
 @hydra.main(version_base="1.3", config_path="pkg://ecg_inception.conf", config_name="train")

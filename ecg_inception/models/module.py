@@ -43,6 +43,7 @@ SCHEDULERS: dict[str, Callable[..., Any]] = {
     "plateau": torch.optim.lr_scheduler.ReduceLROnPlateau, "onecycle": torch.optim.lr_scheduler.OneCycleLR,
 }
 DEFAULT_OPTIMIZER: dict[str, Any] = {"name": "adam", "lr": 1e-3}
+AUX_MIN_SIZE = 299  # timm's inception_v3 aux head fails on smaller inputs
 _LIGHTNING_KEYS = ("interval", "frequency", "monitor")
 _PLAIN = (bool, int, float, str, type(None))
 
@@ -155,6 +156,12 @@ class EcgClassifier(pl.LightningModule):
                 _split_spec(spec, what)  # unknown names fail now, not after the first epoch
         if gradual_unfreeze:
             GradualUnfreeze(**gradual_unfreeze)  # likewise for a malformed schedule
+        size = (preprocessing or {}).get("size")
+        if aux_logits and size is not None and int(size) < AUX_MIN_SIZE:
+            raise ValueError(
+                f"aux_logits=True needs inputs of at least {AUX_MIN_SIZE} px (the aux head's 5x5 conv), but the "
+                f"data is resized to {size} px: set model.aux_logits=false or data.image_size>={AUX_MIN_SIZE}"
+            )
         self.save_hyperparameters()
 
         self.backbone = create_backbone(model_name, num_classes, aux_logits, drop_rate, pretrained, pretrained_file)

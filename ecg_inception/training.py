@@ -219,8 +219,26 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return metrics, objects
 
 
+RUN_DATA_KEYS = ("root", "protocol", "synthetic_per_class", "seed", "fractions", "balance", "balance_stage")
+
+
+def _run_data_settings(cfg: DictConfig, ckpt: Path) -> dict[str, Any]:
+    """Data settings of the run a checkpoint came from (its config.yaml), so eval sees the same data.
+
+    A non-null `data.root` given to eval wins; the protocol, seed and balancing always follow the run.
+    """
+    run_config = ckpt.parent.parent / "config.yaml"
+    if not run_config.is_file():
+        return {}
+    run_data = OmegaConf.load(run_config).get("data", {})
+    settings = {k: run_data[k] for k in RUN_DATA_KEYS if k in run_data}
+    if cfg.data.get("root") is not None:
+        settings.pop("root", None)
+    return settings
+
+
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Evaluate a checkpoint with the preprocessing and label order it carries; writes metrics.json."""
+    """Evaluate a checkpoint with the preprocessing, labels and split of its run; writes metrics.json."""
     output_dir = Path(str(cfg.paths.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True)
@@ -230,7 +248,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         ckpt, map_location="cpu", pretrained=False, pretrained_file=None
     )
     prep = dict(model.hparams.get("preprocessing") or {})
-    data_overrides: dict[str, Any] = {}
+    overrides: dict[str, Any] = _run_data_settings(cfg, ckpt)
     for key_ckpt, key_data in (
         ("model_name", "model_name"),
         ("size", "image_size"),
@@ -238,8 +256,15 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         ("crop", "crop"),
     ):
         if key_ckpt in prep:
-            data_overrides[key_data] = prep[key_ckpt]
-    datamodule = setup_datamodule(cfg, output_dir, _split_manifest_for(cfg, ckpt), **data_overrides)
+            overrides[key_data] = prep[key_ckpt]
+    split_manifest = _split_manifest_for(cfg, ckpt)
+    if split_manifest is None:
+        log.warning(
+            "%s: no splits.csv beside this checkpoint and no data.split_manifest given: the data is "
+            "split again with the run's seed and protocol",
+            ckpt,
+        )
+    datamodule = setup_datamodule(cfg, output_dir, split_manifest, **overrides)
     labels = list(model.hparams.get("labels") or [])
     if labels and labels != list(datamodule.labels):
         raise ValueError(
@@ -258,6 +283,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "protocol": manifest.protocol,
         "leaky": bool(manifest.leaky),
         "checkpoint": str(ckpt),
+        "split_manifest": split_manifest or "re-split (no manifest found)",
         "counts": manifest.counts(),
     }
     for split in splits:
