@@ -1,0 +1,225 @@
+"""Decoded-image cache: preprocessed uint8 tensors on disk, keyed by file content and preprocessing settings.
+
+Decoding a full-size printout and cropping/resizing it costs tens of milliseconds per image and per
+epoch; a cached tensor loads in well under one. Entries live on disk so DataLoader workers and
+concurrent jobs share them; writes are atomic (temp file + os.replace) and every entry carries a
+CRC32, so a partial or corrupt file is detected and rebuilt, never trusted. A small per-process
+memory layer sits on top.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import PIL
+import torch
+from torch.utils.data import get_worker_info
+
+from ecg_inception.data.crop import CropBox
+
+CACHE_VERSION = 1  # bump when preprocessing changes in a way the settings do not show
+_MAGIC = b"ECGU8\x00"
+_HEADER = struct.Struct("<6sHHIII")  # magic, version, channels, height, width, crc32 of the payload
+_SLOTS = 64  # per-process counter rows: main process and DataLoader workers never share a row
+
+
+def default_cache_dir() -> Path:
+    """`$ECG_INCEPTION_CACHE`, else `~/.cache/ecg_inception`: the root of every cache this library keeps."""
+    env = os.environ.get("ECG_INCEPTION_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "ecg_inception"
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """Everything besides file content that decides a preprocessed tensor; part of the cache key."""
+
+    size: int
+    resize: str = "squash"
+    interpolation: str = "bicubic"
+    crop: bool = False
+    box: CropBox | None = None  # used only when `crop` is True
+
+    def fingerprint(self) -> str:
+        """A stable text of the settings, the cache format version and the Pillow version that resizes."""
+        fields = asdict(self)
+        fields["box"] = self.box.as_list() + [bool(self.box.fallback)] if (self.crop and self.box) else None
+        fields.update(version=CACHE_VERSION, pillow=PIL.__version__)
+        return json.dumps(fields, sort_keys=True)
+
+
+_SHA_MEMO: dict[tuple[str, int, int, int], str] = {}
+_SHA_LOCK = threading.Lock()
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, memoised per process by (path, inode, size, mtime_ns)."""
+    path = str(path)
+    st = os.stat(path)
+    memo_key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
+    with _SHA_LOCK:
+        if memo_key in _SHA_MEMO:
+            return _SHA_MEMO[memo_key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    with _SHA_LOCK:
+        _SHA_MEMO[memo_key] = value
+    return value
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Lookups since the cache was made (or reset), summed over the main process and its workers."""
+
+    hits: int
+    misses: int
+    memory_hits: int
+    corrupt: int
+
+    @property
+    def lookups(self) -> int:
+        return self.hits + self.misses
+
+
+class DecodedCache:
+    """Disk cache of preprocessed uint8 [3, size, size] tensors under `<directory>`.
+
+    `directory` defaults to `default_cache_dir() / "decoded"`; `memory_mb` bounds the per-process
+    memory layer (0 turns it off). Counters live in shared memory, so hit/miss counts made inside
+    DataLoader workers are visible from the main process.
+    """
+
+    def __init__(self, directory: str | Path | None = None, memory_mb: float = 64.0) -> None:
+        self.directory = Path(directory) if directory is not None else default_cache_dir() / "decoded"
+        self.memory_bytes = int(memory_mb * 2**20)
+        self._counts = torch.zeros((_SLOTS, 4), dtype=torch.int64).share_memory_()
+        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._memory_used = 0
+        self._lock = threading.RLock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(_memory=OrderedDict(), _memory_used=0, _lock=None)  # each process keeps its own layer
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    def key(self, content_sha256: str, settings: PreprocessSettings) -> str:
+        """Cache key of one file content under one set of preprocessing settings."""
+        return hashlib.sha256(f"{content_sha256}\n{settings.fingerprint()}".encode()).hexdigest()
+
+    def entry_path(self, key: str) -> Path:
+        """Where the entry of `key` lives on disk."""
+        return self.directory / key[:2] / f"{key}.u8"
+
+    def get(
+        self, path: str | Path, settings: PreprocessSettings, build: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        """The preprocessed tensor of `path`: from memory, from disk, or `build()` and store it."""
+        key = self.key(file_sha256(path), settings)
+        with self._lock:
+            cached = self._memory.get(key)
+            if cached is not None:
+                self._memory.move_to_end(key)
+                self._count(hits=1, memory_hits=1)
+                return cached.clone()
+        entry = self.entry_path(key)
+        expected = (3, settings.size, settings.size)
+        tensor, found = _read_entry(entry, expected)
+        if tensor is not None:
+            self._count(hits=1)
+        else:
+            self._count(misses=1, corrupt=int(found))
+            tensor = build()
+            if tensor.dtype != torch.uint8 or tuple(tensor.shape) != expected:
+                raise ValueError(
+                    f"{path}: built {tuple(tensor.shape)} {tensor.dtype}, expected {expected} uint8"
+                )
+            _write_entry(entry, tensor)
+        self._remember(key, tensor)
+        return tensor
+
+    def stats(self) -> CacheStats:
+        """Hit, miss, memory-hit and corrupt-entry counts over every process that used this cache."""
+        hits, misses, memory_hits, corrupt = (int(v) for v in self._counts.sum(dim=0).tolist())
+        return CacheStats(hits, misses, memory_hits, corrupt)
+
+    def reset_stats(self) -> None:
+        """Zero the counters (for example between epochs)."""
+        self._counts.zero_()
+
+    def clear_memory(self) -> None:
+        """Drop this process's memory layer (the disk entries stay)."""
+        with self._lock:
+            self._memory.clear()
+            self._memory_used = 0
+
+    def _count(self, hits: int = 0, misses: int = 0, memory_hits: int = 0, corrupt: int = 0) -> None:
+        info = get_worker_info()
+        slot = 0 if info is None else 1 + info.id % (_SLOTS - 1)
+        with self._lock:
+            row = self._counts[slot]
+            row += torch.tensor([hits, misses, memory_hits, corrupt], dtype=torch.int64)
+
+    def _remember(self, key: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel()
+        if size > self.memory_bytes:
+            return
+        with self._lock:
+            if key in self._memory:
+                return
+            self._memory[key] = tensor.clone()
+            self._memory_used += size
+            while self._memory_used > self.memory_bytes:
+                _, old = self._memory.popitem(last=False)
+                self._memory_used -= old.numel()
+
+
+def _read_entry(entry: Path, expected: tuple[int, int, int]) -> tuple[torch.Tensor | None, bool]:
+    """Load and verify one entry: (tensor or None when missing or invalid, whether a file was there)."""
+    try:
+        data = entry.read_bytes()
+    except FileNotFoundError:
+        return None, False
+    except OSError:
+        return None, True
+    if len(data) < _HEADER.size:
+        return None, True
+    magic, version, c, h, w, crc = _HEADER.unpack_from(data)
+    payload = memoryview(data)[_HEADER.size :]
+    if magic != _MAGIC or version != CACHE_VERSION or (c, h, w) != expected or len(payload) != c * h * w:
+        return None, True
+    if zlib.crc32(payload) != crc:
+        return None, True
+    return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(c, h, w), True
+
+
+def _write_entry(entry: Path, tensor: torch.Tensor) -> None:
+    """Write atomically: a temp file in the same folder, then os.replace (readers never see half a file)."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    payload = tensor.contiguous().numpy().tobytes()
+    header = _HEADER.pack(_MAGIC, CACHE_VERSION, *tensor.shape, zlib.crc32(payload))
+    fd, tmp = tempfile.mkstemp(dir=entry.parent, prefix=f".{entry.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(header)
+            fh.write(payload)
+        os.replace(tmp, entry)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

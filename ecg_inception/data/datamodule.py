@@ -1,0 +1,404 @@
+"""EcgDataModule: audit + split (or a given manifest) -> cached, preprocessed, augmented DataLoaders.
+
+Constructor values are plain (Hydra instantiates it from `conf/data/*.yaml`; OmegaConf containers are
+accepted too). With `split_manifest` the module reads that split and never re-audits: the manifest
+carries labels, groups and crop boxes, so every job of a sweep trains on exactly the same files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from ecg_inception.data.cache import (
+    CacheStats,
+    DecodedCache,
+    PreprocessSettings,
+    default_cache_dir,
+    file_sha256,
+)
+from ecg_inception.data.split import (
+    SPLITS,
+    Manifest,
+    ManifestRow,
+    check_fractions,
+    make_split,
+    protocol_defaults,
+)
+from ecg_inception.data.transforms import (
+    AUGMENT_KINDS,
+    RESIZE_MODES,
+    DataConfig,
+    Normalize,
+    build_train_augment,
+    preprocess,
+    resolve_data_config,
+)
+from ecg_inception.errors import DatasetError, ManifestError
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_VERSION = 1  # part of the synthetic folder name; bump when the generated set should change
+SYNTHETIC_SCALE = 0.5  # half the original page size, like the dev subset
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> plain Python values; anything else unchanged."""
+    try:
+        from omegaconf import OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        return value
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def default_num_workers() -> int:
+    """DataLoader workers when none are given: min(4, usable CPUs - 1), at least 0."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(4, cpus - 1))
+
+
+def ensure_synthetic_dataset(base: str | Path, per_class: int, seed: int) -> Path:
+    """Generate the synthetic default set under `base` once and reuse it; safe for concurrent jobs.
+
+    Each caller generates into a private temporary folder and renames it into place; the first rename
+    wins and the others discard their copy, so nobody ever reads a half-written set.
+    """
+    from ecg_inception.synthetic.generate import generate_dataset
+
+    duplicates = max(1, per_class // 10)
+    name = f"v{SYNTHETIC_VERSION}-per{per_class}-dup{duplicates}-scale{SYNTHETIC_SCALE}-seed{seed}"
+    final = Path(base) / name
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        log.info("generating the synthetic dataset into %s", final)
+        generate_dataset(tmp, per_class=per_class, seed=seed, duplicates=duplicates, scale=SYNTHETIC_SCALE)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+class EcgImageDataset(Dataset):
+    """The files of one split -> (normalised float tensor [3, H, W], class index)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        rows: Sequence[ManifestRow],
+        labels: Sequence[str],
+        config: DataConfig,
+        resize: str = "squash",
+        crop: bool = True,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        cache: DecodedCache | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.rows = list(rows)
+        self.index = {label: i for i, label in enumerate(labels)}
+        self.settings: list[PreprocessSettings] = []
+        for r in self.rows:
+            if r.label not in self.index:
+                raise ManifestError(f"{r.path}: label {r.label!r} is not one of {list(labels)}")
+            if crop and r.box is None:
+                raise ManifestError(f"{r.path}: crop is on but the manifest has no crop box for this file")
+            box = r.box if crop else None
+            self.settings.append(PreprocessSettings(config.size, resize, config.interpolation, crop, box))
+        self.augment = augment
+        self.cache = cache
+        self.normalize = Normalize(config.mean, config.std)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def targets(self) -> list[int]:
+        """Class index of every item, in order."""
+        return [self.index[r.label] for r in self.rows]
+
+    def load_uint8(self, i: int) -> torch.Tensor:
+        """Preprocessed (cropped, resized), not augmented uint8 [3, H, W] image of item `i`."""
+        from ecg_inception.data.scan import open_rgb
+
+        row, settings = self.rows[i], self.settings[i]
+        path = self.root / row.path
+        if row.sha256 and file_sha256(path) != row.sha256:
+            raise ManifestError(
+                f"{path}: file content differs from the manifest's sha256; re-split the folder"
+            )
+
+        def build() -> torch.Tensor:
+            return preprocess(
+                open_rgb(path), settings.box, settings.size, settings.resize, settings.interpolation
+            )
+
+        return self.cache.get(path, settings, build) if self.cache is not None else build()
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        threads = torch.get_num_threads()
+        if threads == 1 or get_worker_info() is not None:
+            return self._item(i)
+        # In the main process (num_workers=0) run on one intra-op thread, as DataLoader workers do: the
+        # small per-image ops gain nothing from the pool and, on a busy machine, lose 10-50x to it.
+        torch.set_num_threads(1)
+        try:
+            return self._item(i)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _item(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self.load_uint8(i)
+        if self.augment is not None:
+            img = self.augment(img)
+        return self.normalize(img), self.index[self.rows[i].label]
+
+
+class EcgDataModule(L.LightningDataModule):
+    """12-lead ECG printouts -> train/val/test/predict DataLoaders (predict serves the test split).
+
+    `None` means: root -> a synthetic set generated on first use; balance, balance_stage and crop -> the
+    protocol's defaults; augment_kind -> "paper" for the paper protocol, else "ecg"; num_workers ->
+    `default_num_workers()`; pin_memory -> CUDA available; persistent_workers -> num_workers > 0;
+    image_size -> the model's pretrained input size; cache_dir -> `$ECG_INCEPTION_CACHE` or
+    `~/.cache/ecg_inception` (decoded images under `decoded/`, synthetic sets under `synthetic/`).
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        protocol: str = "leakfree",
+        split_manifest: str | None = None,
+        seed: int = 0,
+        fractions: Sequence[float] = (0.7, 0.15, 0.15),
+        balance: str | None = None,
+        balance_stage: str | None = None,
+        batch_size: int = 32,
+        num_workers: int | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
+        model_name: str = "inception_v3",
+        image_size: int | None = None,
+        resize: str = "squash",
+        crop: bool | None = None,
+        augment: bool = True,
+        augment_kind: str | None = None,
+        drop_last: bool = False,
+        cache_dir: str | None = None,
+        decoded_cache: bool = True,
+        manifest_out: str | None = None,
+        synthetic_per_class: int = 40,
+    ) -> None:
+        super().__init__()
+        defaults = protocol_defaults(protocol)
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"unknown resize {resize!r}; expected one of {', '.join(RESIZE_MODES)}")
+        if augment_kind is not None and augment_kind not in AUGMENT_KINDS:
+            raise ValueError(
+                f"unknown augment_kind {augment_kind!r}; expected one of {', '.join(AUGMENT_KINDS)}"
+            )
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.root = None if root is None else str(root)
+        self.protocol = protocol
+        self.split_manifest = None if split_manifest is None else str(split_manifest)
+        self.seed = int(seed)
+        self.fractions = check_fractions(_plain(fractions))
+        self.balance, self.balance_stage = balance, balance_stage
+        self.batch_size = int(batch_size)
+        self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.persistent_workers = (
+            self.num_workers > 0 if persistent_workers is None else bool(persistent_workers)
+        )
+        self.model_name, self.image_size, self.resize = model_name, image_size, resize
+        self.crop = defaults.crop if crop is None else bool(crop)
+        self.augment = bool(augment)
+        self.augment_kind = augment_kind or ("paper" if protocol == "paper" else "ecg")
+        self.drop_last = bool(drop_last)
+        self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.decoded_cache = bool(decoded_cache)
+        self.manifest_out = None if manifest_out is None else str(manifest_out)
+        self.synthetic_per_class = int(synthetic_per_class)
+        self._root: Path | None = None
+        self._manifest: Manifest | None = None
+        self._config: DataConfig | None = None
+        self._datasets: dict[str, EcgImageDataset] = {}
+
+    # -- data preparation -------------------------------------------------------------------------
+
+    def dataset_root(self) -> Path:
+        """The image folder: `root`, or the synthetic default (generated on first use)."""
+        if self._root is None:
+            if self.root is None:
+                self._root = ensure_synthetic_dataset(
+                    self.cache_root / "synthetic", self.synthetic_per_class, self.seed
+                )
+            else:
+                self._root = Path(self.root).expanduser()
+                if not self._root.is_dir():
+                    raise DatasetError(f"{self._root}: dataset folder not found")
+        return self._root
+
+    def prepare_data(self) -> None:
+        """Generate the synthetic default set if no root is given (once per machine, reused after)."""
+        self.dataset_root()
+
+    def _ensure_manifest(self) -> Manifest:
+        if self._manifest is None:
+            root = self.dataset_root()
+            if self.split_manifest is not None:
+                manifest = Manifest.read_csv(
+                    self.split_manifest, self.protocol, root=root, balance=self.balance,
+                    balance_stage=self.balance_stage,
+                )  # fmt: skip
+                changed = [
+                    r.path for r in manifest.rows if r.sha256 and file_sha256(root / r.path) != r.sha256
+                ]
+                if changed:
+                    raise ManifestError(
+                        f"{self.split_manifest}: {len(changed)} file(s) under {root} differ from the manifest's "
+                        f"sha256 (first: {changed[0]}); is root the folder this split was made from?"
+                    )
+            else:
+                from ecg_inception.data.audit import audit_folder
+
+                manifest = make_split(
+                    audit_folder(root),
+                    self.protocol,
+                    self.seed,
+                    self.fractions,
+                    self.balance,
+                    self.balance_stage,
+                )
+            if self.manifest_out is not None:
+                manifest.write_csv(self.manifest_out)
+            crossing = manifest.crossing_groups()
+            if manifest.leaky:
+                log.warning(
+                    "protocol %r is leaky: copies of one ECG sit in more than one split (%d groups cross splits)",
+                    manifest.protocol, len(crossing),
+                )  # fmt: skip
+            log.info("split of %s: %s", root, manifest.counts())
+            self._manifest = manifest
+        return self._manifest
+
+    def setup(self, stage: str | None = None) -> None:
+        """Audit and split the folder (or read `split_manifest`) and build the datasets of every split."""
+        manifest = self._ensure_manifest()
+        if self._datasets:
+            return
+        augment = (
+            build_train_augment(self.augment_kind) if self.augment and self.augment_kind != "none" else None
+        )
+        for split in SPLITS:
+            cache = DecodedCache(self.cache_root / "decoded") if self.decoded_cache else None
+            self._datasets[split] = EcgImageDataset(
+                self.dataset_root(), manifest.split_rows(split), manifest.labels, self.data_config,
+                resize=self.resize, crop=self.crop, augment=augment if split == "train" else None, cache=cache,
+            )  # fmt: skip
+
+    # -- loaders ----------------------------------------------------------------------------------
+
+    def dataset(self, split: str) -> EcgImageDataset:
+        """The dataset of one split (after `setup`)."""
+        if not self._datasets:
+            self.setup()
+        return self._datasets[split]
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        # A private generator drives the shuffle order and the workers' base seed, so loading is
+        # reproducible from `seed` and never draws from the global RNG (eval loaders included).
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + SPLITS.index(split))
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size,
+            shuffle=train,
+            generator=generator,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            drop_last=self.drop_last if train else False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    # -- what the model and the reports need ------------------------------------------------------
+
+    @property
+    def manifest(self) -> Manifest:
+        """The split in use (audits and splits on first access if `setup` has not run)."""
+        return self._ensure_manifest()
+
+    @property
+    def labels(self) -> list[str]:
+        """Class names in class-index order."""
+        return list(self.manifest.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest.labels)
+
+    @property
+    def class_weights(self) -> list[float] | None:
+        """Loss weights (inverse train-class frequency, mean 1) when balance is class_weights, else None."""
+        manifest = self.manifest
+        return manifest.class_weights() if manifest.balance == "class_weights" else None
+
+    @property
+    def data_config(self) -> DataConfig:
+        """Input size, mean, std and interpolation from the timm model's pretrained config."""
+        if self._config is None:
+            self._config = resolve_data_config(self.model_name, self.image_size)
+        return self._config
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """Plain dict the model stores in its checkpoint so eval and predict preprocess like training."""
+        cfg = self.data_config
+        return {
+            "model_name": self.model_name,
+            "size": cfg.size,
+            "mean": list(cfg.mean),
+            "std": list(cfg.std),
+            "interpolation": cfg.interpolation,
+            "resize": self.resize,
+            "crop": self.crop,
+        }
+
+    def cache_stats(self) -> CacheStats | None:
+        """Decoded-cache hits and misses over all splits and workers (None with the cache off)."""
+        caches = [d.cache for d in self._datasets.values() if d.cache is not None]
+        if not caches:
+            return None
+        stats = [c.stats() for c in caches]
+        return CacheStats(
+            *(sum(getattr(s, f) for s in stats) for f in ("hits", "misses", "memory_hits", "corrupt"))
+        )

@@ -1,0 +1,438 @@
+"""Split protocols, balancing and the split manifest (CSV).
+
+`leakfree` (default) keeps one file per byte-identical group, keeps near-duplicate groups together and
+splits whole groups, stratified by class, so no ECG is ever seen in two splits. `paper` reproduces the
+published protocol: every file including copies, undersampled to the smallest class before a random
+stratified split by file; copies of one ECG then sit in several splits, so it is labelled leaky.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import random
+import tempfile
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+from ecg_inception.data.crop import CropBox
+from ecg_inception.data.labels import order_labels
+from ecg_inception.errors import DatasetError, ManifestError
+
+if TYPE_CHECKING:
+    from ecg_inception.data.audit import AuditReport
+
+PROTOCOLS = ("leakfree", "paper")
+BALANCES = ("class_weights", "undersample", "none")
+BALANCE_STAGES = ("train", "before_split")
+SPLITS = ("train", "val", "test")
+REQUIRED_COLUMNS = ("path", "label", "group", "split")
+COLUMNS = REQUIRED_COLUMNS + (
+    "sha256", "crop_left", "crop_top", "crop_right", "crop_bottom", "crop_fallback",
+)  # fmt: skip
+DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
+
+
+@dataclass(frozen=True)
+class ProtocolDefaults:
+    """What a protocol does when the caller leaves `balance`, `balance_stage` or `crop` unset."""
+
+    balance: str
+    balance_stage: str
+    crop: bool
+
+
+PROTOCOL_DEFAULTS: dict[str, ProtocolDefaults] = {
+    "leakfree": ProtocolDefaults(balance="class_weights", balance_stage="train", crop=True),
+    "paper": ProtocolDefaults(balance="undersample", balance_stage="before_split", crop=False),
+}
+
+
+def protocol_defaults(protocol: str) -> ProtocolDefaults:
+    """Defaults of a protocol; raises ValueError for an unknown name."""
+    if protocol not in PROTOCOL_DEFAULTS:
+        raise ValueError(f"unknown protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    return PROTOCOL_DEFAULTS[protocol]
+
+
+def resolve_balance(protocol: str, balance: str | None, stage: str | None) -> tuple[str, str]:
+    """(balance, balance_stage) with None replaced by the protocol's defaults; unknown names raise."""
+    defaults = protocol_defaults(protocol)
+    balance = _check_choice("balance", balance or defaults.balance, BALANCES)
+    return balance, _check_choice("balance_stage", stage or defaults.balance_stage, BALANCE_STAGES)
+
+
+def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    """Validate train/val/test fractions: three non-negative numbers summing to 1 with train > 0."""
+    fr = tuple(float(f) for f in fractions)
+    if len(fr) != 3 or any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6 or fr[0] <= 0:
+        raise ValueError(f"fractions must be 3 numbers >= 0 summing to 1 with train > 0, got {fractions}")
+    return fr[0], fr[1], fr[2]
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One file of the split; the crop box is in pixels of the original file (None when unknown)."""
+
+    path: str
+    label: str
+    group: str
+    split: str
+    sha256: str = ""
+    crop_left: int | None = None
+    crop_top: int | None = None
+    crop_right: int | None = None
+    crop_bottom: int | None = None
+    crop_fallback: bool = False
+
+    @property
+    def box(self) -> CropBox | None:
+        """The crop box, or None when the manifest carries none for this file."""
+        coords = (self.crop_left, self.crop_top, self.crop_right, self.crop_bottom)
+        if any(c is None for c in coords):
+            return None
+        left, top, right, bottom = (int(c) for c in coords)  # type: ignore[arg-type]
+        return CropBox(left, top, right, bottom, self.crop_fallback)
+
+
+@dataclass
+class Manifest:
+    """The split every job of an experiment shares: rows, excluded files and how they were chosen."""
+
+    rows: list[ManifestRow]
+    labels: list[str]
+    protocol: str
+    seed: int | None
+    excluded: list[tuple[str, str]] = field(default_factory=list)
+    balance: str = "none"
+    balance_stage: str = "train"
+
+    @property
+    def leaky(self) -> bool:
+        """True for the paper protocol and for any split where a duplicate group crosses splits."""
+        return self.protocol == "paper" or bool(self.crossing_groups())
+
+    def split_rows(self, split: str) -> list[ManifestRow]:
+        """Rows of one split, in path order."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        return [r for r in self.rows if r.split == split]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Files per split and label: {split: {label: n}} with every split and label present."""
+        out = {s: dict.fromkeys(self.labels, 0) for s in SPLITS}
+        for r in self.rows:
+            out[r.split][r.label] = out[r.split].get(r.label, 0) + 1
+        return out
+
+    def crossing_groups(self) -> list[str]:
+        """Duplicate groups whose files sit in more than one split (empty for a leak-free split)."""
+        splits: dict[str, set[str]] = defaultdict(set)
+        for r in self.rows:
+            splits[r.group].add(r.split)
+        return sorted(g for g, s in splits.items() if len(s) > 1)
+
+    def class_weights(self) -> list[float]:
+        """Inverse class frequency of the train split, normalised to mean 1 (label order).
+
+        A class without training files gets weight 0 and the mean is taken over the other classes.
+        """
+        train = self.counts()["train"]
+        inv = [1.0 / train[lab] if train[lab] else 0.0 for lab in self.labels]
+        present = [w for w in inv if w > 0]
+        if not present:
+            raise ManifestError("the manifest has no training files; class weights are undefined")
+        mean = sum(present) / len(present)
+        return [w / mean for w in inv]
+
+    def to_csv_text(self) -> str:
+        """The manifest as CSV text (rows sorted by path, '\\n' line ends): same split, same bytes."""
+        return _csv_text(COLUMNS, [_row_fields(r) for r in sorted(self.rows, key=lambda r: r.path)])
+
+    def write_csv(self, path: str | Path) -> Path:
+        """Write the manifest and its `<stem>.excluded.csv` sidecar atomically; returns the manifest path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(path, self.to_csv_text())
+        _atomic_write_text(excluded_path(path), _csv_text(("path", "reason"), sorted(self.excluded)))
+        return path
+
+    @classmethod
+    def read_csv(
+        cls,
+        path: str | Path,
+        protocol: str = "leakfree",
+        *,
+        root: str | Path | None = None,
+        labels: Iterable[str] | None = None,
+        balance: str | None = None,
+        balance_stage: str | None = None,
+    ) -> Manifest:
+        """Read and validate a manifest; errors name the file and line.
+
+        With `root`, every listed file must exist under it; with `labels`, every label must be one of them.
+        """
+        balance, balance_stage = resolve_balance(protocol, balance, balance_stage)
+        path = Path(path)
+        if not path.is_file():
+            raise ManifestError(f"{path}: manifest not found")
+        allowed = list(labels) if labels is not None else None
+        rows = _parse_rows(path, Path(root) if root is not None else None, allowed)
+        excluded: list[tuple[str, str]] = []
+        side = excluded_path(path)
+        if side.is_file():
+            with side.open(newline="", encoding="utf-8") as fh:
+                excluded = [(rec["path"], rec["reason"]) for rec in csv.DictReader(fh)]
+        return cls(
+            rows=rows,
+            labels=order_labels(allowed if allowed is not None else (r.label for r in rows)),
+            protocol=protocol,
+            seed=None,
+            excluded=excluded,
+            balance=balance,
+            balance_stage=balance_stage,
+        )
+
+
+def excluded_path(manifest_path: str | Path) -> Path:
+    """Sidecar of a manifest that lists the files the protocol left out: `<stem>.excluded.csv`."""
+    p = Path(manifest_path)
+    return p.with_name(f"{p.stem}.excluded.csv")
+
+
+def _row_fields(r: ManifestRow) -> list[str]:
+    crop = ["" if v is None else str(v) for v in (r.crop_left, r.crop_top, r.crop_right, r.crop_bottom)]
+    return [r.path, r.label, r.group, r.split, r.sha256, *crop, "1" if r.crop_fallback else "0"]
+
+
+def _csv_text(header: Sequence[str], records: Iterable[Sequence[str]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(records)
+    return buf.getvalue()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _box_fields(box: CropBox | None) -> tuple[int | None, int | None, int | None, int | None, bool]:
+    if box is None:
+        return None, None, None, None, False
+    return box.left, box.top, box.right, box.bottom, bool(box.fallback)
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
+    return value
+
+
+def _parse_int(text: str, where: str, column: str) -> int | None:
+    if text.strip() == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ManifestError(f"{where}: {column} {text!r} is not an integer") from None
+
+
+def _parse_rows(path: Path, root: Path | None, labels: list[str] | None) -> list[ManifestRow]:
+    rows: list[ManifestRow] = []
+    seen: set[str] = set()
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise ManifestError(f"{path}:1: empty file, expected a header with columns {','.join(COLUMNS)}")
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise ManifestError(
+                f"{path}:1: missing column(s) {', '.join(missing)} (header: {','.join(header)})"
+            )
+        col = {name: i for i, name in enumerate(header)}
+        for rec in reader:
+            where = f"{path}:{reader.line_num}"
+            if not any(v.strip() for v in rec):
+                continue
+            if len(rec) != len(header):
+                raise ManifestError(f"{where}: {len(rec)} fields, the header has {len(header)}")
+            get = {name: rec[i] for name, i in col.items()}
+            rel, label, split = get["path"], get["label"], get["split"]
+            if split not in SPLITS:
+                raise ManifestError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}")
+            if not label or (labels is not None and label not in labels):
+                raise ManifestError(f"{where}: unknown label {label!r}")
+            pure = PurePosixPath(rel)
+            if not rel or pure.is_absolute() or ".." in pure.parts:
+                raise ManifestError(f"{where}: path {rel!r} must be relative to the dataset root")
+            if rel in seen:
+                raise ManifestError(f"{where}: file {rel!r} is listed twice")
+            seen.add(rel)
+            if root is not None and not (root / rel).is_file():
+                raise ManifestError(f"{where}: unknown file {rel!r} (not found under {root})")
+            fallback = get.get("crop_fallback", "").strip().lower()
+            if fallback not in ("", "0", "1", "true", "false"):
+                raise ManifestError(f"{where}: crop_fallback {fallback!r} is not 0/1")
+            crops = [_parse_int(get.get(c, ""), where, c) for c in COLUMNS[5:9]]
+            group, sha = get["group"] or rel, get.get("sha256", "")
+            rows.append(ManifestRow(rel, label, group, split, sha, *crops, fallback in ("1", "true")))
+    if not rows:
+        raise ManifestError(f"{path}: the manifest lists no files")
+    return sorted(rows, key=lambda r: r.path)
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """What the splitter moves as a whole: a duplicate group (leakfree) or one file (paper)."""
+
+    key: str
+    label: str
+    paths: tuple[str, ...]
+
+    @property
+    def size(self) -> int:
+        return len(self.paths)
+
+
+def _units(
+    report: AuditReport, protocol: str, group_of: dict[str, str], excluded: list[tuple[str, str]]
+) -> list[_Unit]:
+    """What moves as a whole: every file (paper), or each duplicate group's first copies (leakfree).
+
+    Leakfree drops extra exact copies and whole groups whose files carry different labels into `excluded`.
+    """
+    labels = {im.rel_path: im.label for im in report.scan.images}
+    if protocol == "paper":
+        return [_Unit(p, labels[p], (p,)) for p in sorted(labels)]
+    members: dict[str, list[str]] = defaultdict(list)
+    for p in sorted(labels):
+        members[group_of.get(p, p)].append(p)
+    first = {p: min(g) for g in report.exact_groups for p in g}
+    units = []
+    for gid, paths in sorted(members.items()):
+        found = sorted({labels[p] for p in paths})
+        if len(found) > 1:
+            excluded += [(p, f"label conflict in duplicate group {gid}: {', '.join(found)}") for p in paths]
+        else:
+            excluded += [(p, f"exact copy of {first[p]}") for p in paths if first.get(p, p) != p]
+            units.append(_Unit(gid, found[0], tuple(p for p in paths if first.get(p, p) == p)))
+    return units
+
+
+def _rng(seed: int, purpose: str, label: str) -> random.Random:
+    # One independent, reproducible stream per class and purpose (str seeds hash with SHA-512).
+    return random.Random(f"{seed}/{purpose}/{label}")
+
+
+def _dropped(units: list[_Unit], reason: str) -> list[tuple[str, str]]:
+    return [(p, reason) for u in units for p in u.paths]
+
+
+def _undersample(units: list[_Unit], target: int, rng: random.Random) -> tuple[list[_Unit], list[_Unit]]:
+    """Keep randomly chosen whole units until `target` files; returns (kept, dropped)."""
+    order = sorted(units, key=lambda u: u.key)
+    rng.shuffle(order)
+    kept, dropped, total = [], [], 0
+    for u in order:
+        if total + u.size <= target:
+            kept.append(u)
+            total += u.size
+        else:
+            dropped.append(u)
+    return kept, dropped
+
+
+def _assign(
+    units: list[_Unit], fractions: tuple[float, float, float], rng: random.Random
+) -> dict[str, list[_Unit]]:
+    """Assign whole units of one class to splits so file counts approach the fractions.
+
+    With >= 3 units every split with a positive fraction gets at least one (the smallest ones first);
+    the rest go largest first to the split furthest below its target.
+    """
+    order = sorted(units, key=lambda u: u.key)
+    rng.shuffle(order)
+    targets = [f * sum(u.size for u in order) for f in fractions]
+    counts = [0, 0, 0]
+    out: dict[str, list[_Unit]] = {s: [] for s in SPLITS}
+    active = [i for i, f in enumerate(fractions) if f > 0]
+
+    def put(i: int, u: _Unit) -> None:
+        out[SPLITS[i]].append(u)
+        counts[i] += u.size
+
+    if len(order) >= 3:
+        for i in sorted(active, key=lambda i: (i == 0, i)):  # val and test first, then train
+            smallest = min(order, key=lambda u: u.size)  # first of the smallest in shuffled order
+            order.remove(smallest)
+            put(i, smallest)
+    for u in sorted(order, key=lambda u: -u.size):  # stable: ties keep the shuffled order
+        put(max(active, key=lambda i: (targets[i] - counts[i], -i)), u)
+    return out
+
+
+def make_split(
+    report: AuditReport,
+    protocol: str = "leakfree",
+    seed: int = 0,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    balance: str | None = None,
+    balance_stage: str | None = None,
+) -> Manifest:
+    """Split an audited folder into train/val/test by `protocol`; None picks the protocol's default."""
+    balance, stage = resolve_balance(protocol, balance, balance_stage)
+    fracs = check_fractions(fractions)
+    images = {im.rel_path: im for im in report.scan.images}
+    group_of = report.group_ids()
+    excluded = [(p, f"unreadable: {why}") for p, why in sorted(report.scan.unreadable.items())]
+
+    units = _units(report, protocol, group_of, excluded)
+    by_label: dict[str, list[_Unit]] = defaultdict(list)
+    for u in units:
+        by_label[u.label].append(u)
+    labels = order_labels(list(report.scan.labels) + list(by_label))
+
+    if balance == "undersample" and stage == "before_split" and by_label:
+        target = min(sum(u.size for u in us) for us in by_label.values())
+        for lab in sorted(by_label):
+            by_label[lab], dropped = _undersample(by_label[lab], target, _rng(seed, "undersample", lab))
+            excluded += _dropped(dropped, f"undersampled to {target} files per class (before_split)")
+
+    assigned = {lab: _assign(by_label[lab], fracs, _rng(seed, "split", lab)) for lab in sorted(by_label)}
+
+    if balance == "undersample" and stage == "train" and assigned:
+        target = min(sum(u.size for u in parts["train"]) for parts in assigned.values())
+        for lab, parts in sorted(assigned.items()):
+            parts["train"], dropped = _undersample(
+                parts["train"], target, _rng(seed, "undersample/train", lab)
+            )
+            excluded += _dropped(dropped, f"undersampled to {target} train files per class (train)")
+
+    rows = [
+        ManifestRow(
+            p, u.label, group_of.get(p, p), split, images[p].sha256, *_box_fields(report.crops.get(p))
+        )
+        for parts in assigned.values()
+        for split, us in parts.items()
+        for u in us
+        for p in u.paths
+    ]
+    if not rows:
+        raise DatasetError(f"{report.scan.root}: no files left to split under protocol {protocol!r}")
+    return Manifest(
+        rows=sorted(rows, key=lambda r: r.path), labels=labels, protocol=protocol, seed=seed,
+        excluded=sorted(excluded), balance=balance, balance_stage=stage,
+    )  # fmt: skip

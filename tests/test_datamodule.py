@@ -1,0 +1,203 @@
+"""EcgDataModule on the synthetic fixture: shapes, label order, manifests, caches, seeding."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from ecg_inception.data.datamodule import EcgDataModule, EcgImageDataset
+from ecg_inception.data.labels import CANONICAL_LABELS, MENDELEY_FOLDERS
+from ecg_inception.data.split import Manifest
+from ecg_inception.data.transforms import resolve_data_config
+from ecg_inception.errors import ManifestError
+
+SIZE = 75  # the smallest input inception_v3 accepts; keeps decoding and resizing cheap
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def fitted(synthetic_root: Path, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> EcgDataModule:
+    """One audited + split datamodule; other tests reuse its manifest instead of re-auditing."""
+    out = tmp_path_factory.mktemp("run") / "splits.csv"
+    dm = EcgDataModule(
+        root=str(synthetic_root), image_size=SIZE, batch_size=4, num_workers=0, cache_dir=str(cache_dir),
+        manifest_out=str(out),
+    )  # fmt: skip
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def _reuse(fitted: EcgDataModule, **kw) -> EcgDataModule:
+    args = dict(
+        root=fitted.root, split_manifest=fitted.manifest_out, image_size=SIZE, batch_size=4, num_workers=0,
+        cache_dir=str(fitted.cache_root),
+    )  # fmt: skip
+    args.update(kw)
+    return EcgDataModule(**args)
+
+
+def test_loaders_shapes_labels_and_properties(fitted: EcgDataModule) -> None:
+    assert fitted.labels == list(CANONICAL_LABELS) and fitted.num_classes == 4
+    x, y = next(iter(fitted.train_dataloader()))
+    assert x.shape == (4, 3, SIZE, SIZE) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0  # mean = std = 0.5 for inception_v3
+    for loader in (fitted.val_dataloader(), fitted.test_dataloader(), fitted.predict_dataloader()):
+        xb, yb = next(iter(loader))
+        assert xb.shape[1:] == (3, SIZE, SIZE) and set(yb.tolist()) <= set(range(4))
+    weights = fitted.class_weights
+    assert weights is not None and len(weights) == 4 and sum(weights) / 4 == pytest.approx(1.0)
+    assert fitted.preprocessing == {
+        "model_name": "inception_v3", "size": SIZE, "mean": [0.5] * 3, "std": [0.5] * 3,
+        "interpolation": "bicubic", "resize": "squash", "crop": True,
+    }  # fmt: skip
+    # leakfree: copies dropped, each class in every split
+    m = fitted.manifest
+    assert not m.leaky and len({r.sha256 for r in m.rows}) == len(m.rows)
+    assert all(n >= 1 for counts in m.counts().values() for n in counts.values())
+
+
+def test_manifest_written_and_reused_without_audit(
+    fitted: EcgDataModule, monkeypatch, tmp_path: Path
+) -> None:
+    written = Path(fitted.manifest_out)
+    assert written.is_file() and Manifest.read_csv(written).rows == fitted.manifest.rows
+
+    def no_audit(*args, **kwargs):
+        raise AssertionError("the datamodule must not re-audit when a manifest is given")
+
+    monkeypatch.setattr("ecg_inception.data.audit.audit_folder", no_audit)
+    again = _reuse(
+        fitted, manifest_out=str(tmp_path / "copy.csv"), seed=123
+    )  # seed must not change the split
+    again.setup("fit")
+    assert again.manifest.rows == fitted.manifest.rows
+    assert (tmp_path / "copy.csv").read_bytes() == written.read_bytes()
+    assert again.class_weights == fitted.class_weights
+
+
+def test_decoded_cache_hit_on_second_pass(fitted: EcgDataModule) -> None:
+    dm = _reuse(fitted)
+    dm.setup("validate")
+    n = len(dm.dataset("val"))
+    before = dm.cache_stats()
+    assert before is not None and before.lookups == 0
+    for _ in range(2):
+        for _batch in dm.val_dataloader():
+            pass
+    stats = dm.cache_stats()
+    assert stats.lookups == 2 * n and stats.hits >= n  # the module fixture may already have filled the disk
+
+
+def test_decoded_cache_off_and_workers(fitted: EcgDataModule) -> None:
+    off = _reuse(fitted, decoded_cache=False)
+    off.setup()
+    assert off.cache_stats() is None
+    x_off, _ = next(iter(off.val_dataloader()))
+    on = _reuse(fitted, num_workers=1)
+    assert on.persistent_workers
+    x_on, _ = next(iter(on.val_dataloader()))
+    assert torch.equal(x_off, x_on)  # the cache returns exactly what decoding gives
+    assert on.cache_stats().lookups == len(x_on)  # counted inside the worker, visible here
+
+
+def test_shuffle_reproducible_and_eval_leaves_global_rng_alone(fitted: EcgDataModule) -> None:
+    a, b = _reuse(fitted, augment=False, drop_last=True), _reuse(fitted, augment=False)
+    a.setup()
+    b.setup()
+    threads = torch.get_num_threads()
+    ya = torch.cat([y for _, y in a.train_dataloader()])
+    assert torch.get_num_threads() == threads  # items load on one thread, then the setting is restored
+    yb = torch.cat([y for _, y in b.train_dataloader()])
+    n = len(a.dataset("train"))
+    assert len(yb) == n and len(ya) == n - n % 4  # drop_last on the train loader only
+    assert torch.equal(ya, yb[: len(ya)])
+    assert ya.tolist() != sorted(ya.tolist()) or n < 3  # shuffled
+    state = torch.get_rng_state()
+    for _ in b.val_dataloader():
+        pass
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_paper_protocol_defaults(fitted: EcgDataModule, tmp_path: Path) -> None:
+    dm = EcgDataModule(
+        root=fitted.root, protocol="paper", image_size=SIZE, batch_size=4, num_workers=0,
+        cache_dir=str(fitted.cache_root), manifest_out=str(tmp_path / "paper.csv"),
+    )  # fmt: skip
+    assert dm.crop is False and dm.augment_kind == "paper"
+    dm.setup("fit")
+    assert dm.manifest.leaky and dm.class_weights is None
+    counts = dm.manifest.counts()
+    assert len({sum(counts[split][label] for split in counts) for label in dm.labels}) == 1  # balanced
+    assert dm.preprocessing["crop"] is False
+    x, _ = next(iter(dm.train_dataloader()))
+    assert x.shape[1:] == (3, SIZE, SIZE)
+
+
+def test_omegaconf_values_and_bad_arguments(fitted: EcgDataModule) -> None:
+    cfg = OmegaConf.create({"fractions": [0.6, 0.2, 0.2], "batch_size": 2})
+    dm = _reuse(fitted, fractions=cfg.fractions, batch_size=cfg.batch_size)
+    assert dm.fractions == (0.6, 0.2, 0.2)
+    with pytest.raises(ValueError, match="protocol"):
+        EcgDataModule(protocol="random")
+    with pytest.raises(ValueError, match="resize"):
+        EcgDataModule(resize="stretch")
+    with pytest.raises(ValueError, match="augment_kind"):
+        EcgDataModule(augment_kind="flip")
+
+
+def test_crop_needs_boxes_and_content_must_match(fitted: EcgDataModule, tmp_path: Path) -> None:
+    rows = fitted.manifest.split_rows("val")[:1]
+    no_box = [r.__class__(r.path, r.label, r.group, r.split, r.sha256) for r in rows]
+    cfg = resolve_data_config("inception_v3", SIZE)
+    with pytest.raises(ManifestError, match="no crop box"):
+        EcgImageDataset(fitted.root, no_box, fitted.labels, cfg, crop=True)
+    assert EcgImageDataset(fitted.root, no_box, fitted.labels, cfg, crop=False)[0][0].shape == (3, SIZE, SIZE)
+    copy = tmp_path / rows[0].path
+    copy.parent.mkdir(parents=True)
+    shutil.copyfile(Path(fitted.root) / rows[0].path, copy)
+    with copy.open("ab") as fh:
+        fh.write(b"changed")
+    with pytest.raises(ManifestError, match="differs from the manifest"):
+        EcgImageDataset(tmp_path, rows, fitted.labels, cfg)[0]
+
+
+def test_manifest_from_another_folder_fails_at_setup(fitted: EcgDataModule, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(fitted.root, other)
+    with (other / fitted.manifest.rows[3].path).open("ab") as fh:
+        fh.write(b"changed")
+    with pytest.raises(ManifestError, match="1 file"):
+        _reuse(fitted, root=str(other)).setup("fit")
+
+
+def test_root_none_generates_synthetic_once(tmp_path: Path, monkeypatch) -> None:
+    dm = EcgDataModule(
+        synthetic_per_class=2, image_size=SIZE, batch_size=2, num_workers=0, cache_dir=str(tmp_path),
+        augment=False, fractions=(0.5, 0.25, 0.25),
+    )  # fmt: skip
+    dm.prepare_data()
+    root = dm.dataset_root()
+    assert root.parent == tmp_path / "synthetic" and root.is_dir()
+    assert sorted(p.name for p in root.iterdir()) == sorted(MENDELEY_FOLDERS.values())
+    assert not [p for p in root.parent.iterdir() if p.name.endswith(".tmp")]
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the synthetic set must be generated once and reused")
+
+    monkeypatch.setattr("ecg_inception.synthetic.generate.generate_dataset", no_generation)
+    again = EcgDataModule(synthetic_per_class=2, image_size=SIZE, num_workers=0, cache_dir=str(tmp_path))
+    again.prepare_data()
+    assert again.dataset_root() == root
+    dm.setup("fit")
+    assert dm.num_classes == 4 and (tmp_path / "decoded").is_dir() is False  # nothing loaded yet
+    next(iter(dm.val_dataloader()))
+    assert (tmp_path / "decoded").is_dir()

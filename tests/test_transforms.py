@@ -1,0 +1,132 @@
+"""timm data config, crop/resize preprocessing, ECG-safe augmentation and normalisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from ecg_inception.data.crop import CropBox
+from ecg_inception.data.transforms import (
+    JpegNoise,
+    Normalize,
+    build_train_augment,
+    normalize,
+    preprocess,
+    resolve_data_config,
+)
+
+
+def _walk(t: object) -> list[object]:
+    """Every transform inside Compose / RandomApply containers."""
+    inner = getattr(t, "transforms", None)
+    if inner is None:
+        return [t]
+    return [t] + [x for child in inner for x in _walk(child)]
+
+
+def test_inception_v3_config() -> None:
+    cfg = resolve_data_config("inception_v3")
+    assert (cfg.size, cfg.interpolation) == (299, "bicubic")
+    assert cfg.mean == (0.5, 0.5, 0.5) and cfg.std == (0.5, 0.5, 0.5)
+    assert resolve_data_config("inception_v3", image_size=96).size == 96
+    assert resolve_data_config("resnet18").mean[0] == pytest.approx(0.485)
+    with pytest.raises(ValueError, match="no pretrained config"):
+        resolve_data_config("no_such_model_xyz")
+
+
+def _page(w: int = 200, h: int = 100) -> Image.Image:
+    """A gray page with a black block in the top-left corner."""
+    img = Image.new("RGB", (w, h), (128, 128, 128))
+    img.paste((0, 0, 0), (0, 0, 50, 25))
+    return img
+
+
+def test_preprocess_squash_crop_and_dtype() -> None:
+    out = preprocess(_page(), None, 64)
+    assert out.shape == (3, 64, 64) and out.dtype == torch.uint8
+    # squash: the block (a quarter of the width, a quarter of the height) keeps those fractions
+    assert out[:, :14, :14].max() < 20 and out[:, 20:, 20:].min() > 100
+    cropped = preprocess(_page(), CropBox(50, 25, 200, 100), 32)  # the black block cropped away
+    assert cropped.min() > 100
+
+
+def test_letterbox_keeps_aspect_with_white_bars() -> None:
+    out = preprocess(_page(200, 100), None, 64, resize="letterbox")
+    assert out.shape == (3, 64, 64)
+    assert (out[:, :15, :] == 255).all() and (out[:, -15:, :] == 255).all()  # white bars top and bottom
+    middle = out[:, 17:47, :]
+    assert (middle[:, :, 30:] - 128).abs().max() < 8  # the gray page fills the full width
+    assert middle[:, :6, :12].max() < 20  # black block: 1/4 of the width, 1/4 of the height
+    tall = preprocess(_page(50, 100), None, 40, resize="letterbox")
+    assert (tall[:, :, :8] == 255).all() and (tall[:, :, -8:] == 255).all()
+
+
+def test_preprocess_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="resize"):
+        preprocess(_page(), None, 32, resize="crop")
+    with pytest.raises(ValueError, match="leaves nothing"):
+        preprocess(_page(), CropBox(300, 0, 400, 50), 32)
+
+
+def _half_dark(size: int = 64) -> torch.Tensor:
+    img = torch.full((3, size, size), 230, dtype=torch.uint8)
+    img[:, :, : size // 2] = 0
+    return img
+
+
+@pytest.mark.parametrize("kind", ["ecg", "paper"])
+def test_augmentation_never_flips(kind: str) -> None:
+    augment = build_train_augment(kind)
+    assert not any(isinstance(t, v2.RandomHorizontalFlip | v2.RandomVerticalFlip) for t in _walk(augment))
+    torch.manual_seed(0)
+    img = _half_dark()
+    for _ in range(25):
+        out = augment(img)
+        assert out.shape == img.shape and out.dtype == torch.uint8
+        left, right = out[:, :, :32].float().mean(), out[:, :, 32:].float().mean()
+        assert left + 10 < right
+
+
+def test_augmentation_changes_the_image_and_none_is_identity() -> None:
+    img = _half_dark()
+    torch.manual_seed(1)
+    assert any(not torch.equal(build_train_augment("ecg")(img), img) for _ in range(5))
+    assert torch.equal(build_train_augment("none")(img), img)
+    with pytest.raises(ValueError, match="augment kind"):
+        build_train_augment("flip")
+
+
+def test_paper_augmentation_rotates_up_to_20_degrees_and_shifts_20_percent() -> None:
+    affines = [t for t in _walk(build_train_augment("paper")) if isinstance(t, v2.RandomAffine)]
+    assert len(affines) == 1
+    assert list(affines[0].degrees) == [-20.0, 20.0] and tuple(affines[0].translate) == (0.2, 0.2)
+    ecg = [t for t in _walk(build_train_augment("ecg")) if isinstance(t, v2.RandomAffine)]
+    assert list(ecg[0].degrees) == [-3.0, 3.0]
+    assert any(isinstance(t, JpegNoise) for t in _walk(build_train_augment("ecg")))
+    # fill is white: a blank white page stays white under any affine move
+    torch.manual_seed(2)
+    white = torch.full((3, 48, 48), 255, dtype=torch.uint8)
+    assert torch.equal(build_train_augment("paper")(white), white)
+
+
+def test_jpeg_noise_keeps_shape_and_adds_artefacts() -> None:
+    torch.manual_seed(3)
+    img = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8)
+    out = JpegNoise((10, 20))(img)
+    assert out.shape == img.shape and out.dtype == torch.uint8 and not torch.equal(out, img)
+    assert (out.float() - img.float()).abs().mean() < 100
+    with pytest.raises(ValueError):
+        JpegNoise((0, 200))
+
+
+def test_normalize_rescales_then_standardises() -> None:
+    img = torch.tensor([0, 255, 51], dtype=torch.uint8).view(3, 1, 1).expand(3, 2, 2).contiguous()
+    out = normalize(img, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert out.dtype == torch.float32
+    assert out[:, 0, 0].tolist() == pytest.approx([-1.0, 1.0, 51 / 255 * 2 - 1])
+    batch = Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))(img.unsqueeze(0))
+    assert batch.shape == (1, 3, 2, 2)
+    with pytest.raises(TypeError):
+        normalize(img.float(), (0.5,) * 3, (0.5,) * 3)
