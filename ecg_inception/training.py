@@ -254,6 +254,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         ("size", "image_size"),
         ("resize", "resize"),
         ("crop", "crop"),
+        ("ink", "ink"),
     ):
         if key_ckpt in prep:
             overrides[key_data] = prep[key_ckpt]

@@ -57,7 +57,7 @@ def test_loaders_shapes_labels_and_properties(fitted: EcgDataModule) -> None:
     assert weights is not None and len(weights) == 4 and sum(weights) / 4 == pytest.approx(1.0)
     assert fitted.preprocessing == {
         "model_name": "inception_v3", "size": SIZE, "mean": [0.5] * 3, "std": [0.5] * 3,
-        "interpolation": "bicubic", "resize": "squash", "crop": True,
+        "interpolation": "bicubic", "resize": "squash", "crop": True, "ink": False,
     }  # fmt: skip
     # leakfree: copies dropped, each class in every split
     m = fitted.manifest
@@ -201,3 +201,15 @@ def test_root_none_generates_synthetic_once(tmp_path: Path, monkeypatch) -> None
     assert dm.num_classes == 4 and (tmp_path / "decoded").is_dir() is False  # nothing loaded yet
     next(iter(dm.val_dataloader()))
     assert (tmp_path / "decoded").is_dir()
+
+
+def test_ink_option_reaches_settings_images_and_preprocessing(fitted: EcgDataModule) -> None:
+    dm = _reuse(fitted, ink=True)
+    dm.setup("fit")
+    assert dm.preprocessing["ink"] is True
+    train = dm.dataset("train")
+    assert all(s.ink for s in train.settings)
+    img = train.load_uint8(0)
+    assert torch.equal(img[0], img[1]) and torch.equal(img[1], img[2])  # grey: the grid colour is gone
+    plain = fitted.dataset("train").load_uint8(0)
+    assert not torch.equal(img, plain)  # a different cache entry, not the plain image

@@ -12,6 +12,8 @@ from ecg_inception.data.transforms import (
     JpegNoise,
     Normalize,
     build_train_augment,
+    ink_image,
+    ink_thickening,
     normalize,
     preprocess,
     resolve_data_config,
@@ -61,6 +63,44 @@ def test_letterbox_keeps_aspect_with_white_bars() -> None:
     assert middle[:, :6, :12].max() < 20  # black block: 1/4 of the width, 1/4 of the height
     tall = preprocess(_page(50, 100), None, 40, resize="letterbox")
     assert (tall[:, :, :8] == 255).all() and (tall[:, :, -8:] == 255).all()
+
+
+def _grid_page(w: int = 400, h: int = 200) -> Image.Image:
+    """White paper, a pink grid line every 20 px, one thin black trace line across the middle."""
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    for x in range(0, w, 20):
+        img.paste((240, 170, 180), (x, 0, x + 2, h))
+    for y in range(0, h, 20):
+        img.paste((240, 170, 180), (0, y, w, y + 2))
+    img.paste((20, 20, 20), (0, h // 2 + 5, w, h // 2 + 6))
+    return img
+
+
+def test_ink_removes_the_grid_and_keeps_the_trace() -> None:
+    page = _grid_page()
+    ink = ink_image(page)
+    assert ink.mode == "RGB" and ink.size == page.size
+    assert ink.getpixel((10, 10)) == (255, 255, 255)  # paper stays white
+    assert ink.getpixel((0, 10)) == (255, 255, 255)  # pink grid turns white
+    r, g, b = ink.getpixel((10, 105))
+    assert r == g == b < 40  # the black trace stays dark, grey on all channels
+    thick = ink_image(page, thicken=3)
+    # one pixel wider on each side
+    assert thick.getpixel((10, 104))[0] < 40 and thick.getpixel((10, 106))[0] < 40
+    with pytest.raises(ValueError, match="odd"):
+        ink_image(page, thicken=2)
+    assert ink_thickening(1100, 780, 160) == 3 and ink_thickening(200, 100, 160) == 1
+
+
+def test_preprocess_ink_option() -> None:
+    page = _grid_page()
+    plain, ink = preprocess(page, None, 40), preprocess(page, None, 40, ink=True)
+    assert ink.shape == plain.shape == (3, 40, 40) and ink.dtype == torch.uint8
+    assert torch.equal(ink[0], ink[1]) and torch.equal(ink[1], ink[2])
+    assert not torch.equal(plain[0], plain[1])  # without ink the grid keeps its colour
+    # the trace row is darker with ink (grid gone, line thickened before the 10x downscale)
+    assert ink[0, 20].float().mean() < plain[0, 20].float().mean()
+    assert ink[0, :15].float().mean() > 250  # grid-only rows are white
 
 
 def test_preprocess_rejects_bad_arguments() -> None:

@@ -49,11 +49,14 @@ class PreprocessSettings:
     interpolation: str = "bicubic"
     crop: bool = False
     box: CropBox | None = None  # used only when `crop` is True
+    ink: bool = False  # grid removed before resizing (transforms.ink_image)
 
     def fingerprint(self) -> str:
         """A stable text of the settings, the cache format version and the Pillow version that resizes."""
         fields = asdict(self)
         fields["box"] = self.box.as_list() + [bool(self.box.fallback)] if (self.crop and self.box) else None
+        if not self.ink:  # keys made before the ink option stay valid
+            del fields["ink"]
         fields.update(version=CACHE_VERSION, pillow=PIL.__version__)
         return json.dumps(fields, sort_keys=True)
 

@@ -110,6 +110,7 @@ class EcgImageDataset(Dataset):
         crop: bool = True,
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
         cache: DecodedCache | None = None,
+        ink: bool = False,
     ) -> None:
         self.root = Path(root)
         self.rows = list(rows)
@@ -121,7 +122,8 @@ class EcgImageDataset(Dataset):
             if crop and r.box is None:
                 raise ManifestError(f"{r.path}: crop is on but the manifest has no crop box for this file")
             box = r.box if crop else None
-            self.settings.append(PreprocessSettings(config.size, resize, config.interpolation, crop, box))
+            settings = PreprocessSettings(config.size, resize, config.interpolation, crop, box, bool(ink))
+            self.settings.append(settings)
         self.augment = augment
         self.cache = cache
         self.normalize = Normalize(config.mean, config.std)
@@ -145,9 +147,8 @@ class EcgImageDataset(Dataset):
             )
 
         def build() -> torch.Tensor:
-            return preprocess(
-                open_rgb(path), settings.box, settings.size, settings.resize, settings.interpolation
-            )
+            s = settings
+            return preprocess(open_rgb(path), s.box, s.size, s.resize, s.interpolation, s.ink)
 
         return self.cache.get(path, settings, build) if self.cache is not None else build()
 
@@ -176,7 +177,8 @@ class EcgDataModule(L.LightningDataModule):
     `None` means: root -> a synthetic set generated on first use; balance, balance_stage and crop -> the
     protocol's defaults; augment_kind -> "paper" for the paper protocol, else "ecg"; num_workers ->
     `default_num_workers()`; pin_memory -> CUDA available; persistent_workers -> num_workers > 0;
-    image_size -> the model's pretrained input size; cache_dir -> `$ECG_INCEPTION_CACHE` or
+    image_size -> the model's pretrained input size; ink -> False (True: grid removed before resizing,
+    see `transforms.ink_image`); cache_dir -> `$ECG_INCEPTION_CACHE` or
     `~/.cache/ecg_inception` (decoded images under `decoded/`, synthetic sets under `synthetic/`).
     """
 
@@ -204,6 +206,7 @@ class EcgDataModule(L.LightningDataModule):
         decoded_cache: bool = True,
         manifest_out: str | None = None,
         synthetic_per_class: int = 40,
+        ink: bool = False,
     ) -> None:
         super().__init__()
         defaults = protocol_defaults(protocol)
@@ -236,6 +239,7 @@ class EcgDataModule(L.LightningDataModule):
         self.decoded_cache = bool(decoded_cache)
         self.manifest_out = None if manifest_out is None else str(manifest_out)
         self.synthetic_per_class = int(synthetic_per_class)
+        self.ink = bool(ink)
         self._root: Path | None = None
         self._manifest: Manifest | None = None
         self._config: DataConfig | None = None
@@ -312,6 +316,7 @@ class EcgDataModule(L.LightningDataModule):
             self._datasets[split] = EcgImageDataset(
                 self.dataset_root(), manifest.split_rows(split), manifest.labels, self.data_config,
                 resize=self.resize, crop=self.crop, augment=augment if split == "train" else None, cache=cache,
+                ink=self.ink,
             )  # fmt: skip
 
     # -- loaders ----------------------------------------------------------------------------------
@@ -391,6 +396,7 @@ class EcgDataModule(L.LightningDataModule):
             "interpolation": cfg.interpolation,
             "resize": self.resize,
             "crop": self.crop,
+            "ink": self.ink,
         }
 
     def cache_stats(self) -> CacheStats | None:

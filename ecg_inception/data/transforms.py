@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
@@ -22,6 +22,10 @@ from ecg_inception.data.crop import CropBox
 RESIZE_MODES = ("squash", "letterbox")
 AUGMENT_KINDS = ("ecg", "paper", "none")
 WHITE = 255  # the paper background: fill for letterbox bars and affine borders
+# Ink: the red channel keeps the black trace dark and the pink/red grid light (R >= 217 on the dev set);
+# levels below this cutoff are ink, the same cutoff as the duplicate hash (data/duplicates.py).
+INK_CUTOFF = 200
+_INK_LUT = [min(WHITE, round(v * WHITE / INK_CUTOFF)) for v in range(256)]
 
 _PIL_INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -63,14 +67,39 @@ def resolve_data_config(model_name: str = "inception_v3", image_size: int | None
     return DataConfig(size, mean, std, interpolation)  # type: ignore[arg-type]
 
 
+def ink_image(img: Image.Image, thicken: int = 1) -> Image.Image:
+    """Drop the pink/red grid and keep the trace: grey = min(255, R * 255 / INK_CUTOFF), on all 3 channels.
+
+    Black ink stays dark, the grid (R >= INK_CUTOFF) turns paper-white, antialiased edges scale linearly.
+    `thicken` (odd) widens the ink with a `thicken` x `thicken` minimum filter, so that a thin trace keeps
+    its contrast through a large downscale instead of averaging out to a faint grey line.
+    """
+    if thicken < 1 or thicken % 2 == 0:
+        raise ValueError(f"thicken must be a positive odd number, got {thicken}")
+    img = img.convert("RGB") if img.mode != "RGB" else img
+    grey = img.getchannel("R").point(_INK_LUT)
+    if thicken > 1:
+        grey = grey.filter(ImageFilter.MinFilter(thicken))
+    return Image.merge("RGB", (grey, grey, grey))
+
+
+def ink_thickening(width: int, height: int, size: int, resize: str = "squash") -> int:
+    """Minimum-filter size for `ink_image` before resizing a width x height image to `size`: about half the
+    downscale factor, odd, 1 (none) below a factor of 2."""
+    fit = min(width, height) if resize == "squash" else max(width, height)
+    return max(1, int(fit / size / 2)) | 1
+
+
 def preprocess(
     img: Image.Image,
     box: CropBox | None,
     size: int,
     resize: str = "squash",
     interpolation: str = "bicubic",
+    ink: bool = False,
 ) -> torch.Tensor:
-    """Crop to `box` (None: whole page) and resize to a uint8 tensor [3, size, size].
+    """Crop to `box` (None: whole page), optionally map to ink (`ink_image`, trace thickened by about half the
+    downscale factor), resize to uint8 [3, size, size].
 
     `squash` stretches to a square as the paper did; `letterbox` keeps the aspect ratio and pads with white.
     """
@@ -87,6 +116,8 @@ def preprocess(
         if right - left < 2 or bottom - top < 2:
             raise ValueError(f"crop box {box} leaves nothing of a {img.width}x{img.height} image")
         img = img.crop((left, top, right, bottom))
+    if ink:
+        img = ink_image(img, ink_thickening(img.width, img.height, size, resize))
     method = _PIL_INTERPOLATION[interpolation]
     if resize == "squash":
         out = img.resize((size, size), method)
