@@ -25,6 +25,7 @@ from ecg_inception.callbacks import BestWeights
 from ecg_inception.data.datamodule import EcgDataModule
 from ecg_inception.models.backbone import check_pretrained_available
 from ecg_inception.models.module import EcgClassifier
+from ecg_inception.models.trunk_cache import TrunkCachedDataModule, maybe_use_trunk_cache
 from ecg_inception.report import MetricsHistory, write_report
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         class_weights=datamodule.class_weights,
         preprocessing=datamodule.preprocessing,
     )
+    # Frozen trunk: train the tail on cached activations when model.trunk_cache (auto|on|off) allows it.
+    loaders = maybe_use_trunk_cache(cfg, model, datamodule)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     history = MetricsHistory()
     callbacks.append(history)
@@ -191,12 +194,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     if cfg.get("train", True):
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+        trainer.fit(model=model, datamodule=loaders, ckpt_path=str(ckpt) if ckpt else None)
     logged = _scalar_metrics(trainer)
     best, eval_ckpt = _best_checkpoint(callbacks)
-    trainer.validate(model=model, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False)
+    trainer.validate(model=model, datamodule=loaders, ckpt_path=eval_ckpt, verbose=False)
     if cfg.get("test", True):
-        trainer.test(model=model, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False)
+        trainer.test(model=model, datamodule=loaders, ckpt_path=eval_ckpt, verbose=False)
     logged.update({k: v for k, v in _scalar_metrics(trainer).items() if k.startswith("test/")})
 
     manifest = datamodule.manifest
@@ -212,6 +215,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "val": model.last_reports.get("val"),
         "test": model.last_reports.get("test"),
         "logged": logged,
+        "trunk_cache": loaders.summary() if isinstance(loaders, TrunkCachedDataModule) else None,
     }
     write_report(output_dir, metrics, history.rows, plots=bool(cfg.get("plots", True)))
     log.info("Report written to %s", output_dir)

@@ -31,6 +31,7 @@ from ecg_inception.models.freezing import (
     warn_frozen_random,
 )
 from ecg_inception.models.metrics import build_metrics, compute_report
+from ecg_inception.models.trunk import TrunkFeatures, TrunkSplit, parse_trunk_cache, parse_views
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,8 @@ class EcgClassifier(pl.LightningModule):
         scheduler: dict[str, Any] | Callable[..., Any] | None = None,
         preprocessing: dict[str, Any] | None = None,
         channels_last: bool = False,
+        trunk_cache: bool | str | None = "auto",
+        trunk_cache_views: int | None = None,
     ) -> None:
         super().__init__()
         labels, unfreeze, gradual_unfreeze = to_plain(labels), to_plain(unfreeze), to_plain(gradual_unfreeze)
@@ -162,6 +165,7 @@ class EcgClassifier(pl.LightningModule):
                 f"aux_logits=True needs inputs of at least {AUX_MIN_SIZE} px (the aux head's 5x5 conv), but the "
                 f"data is resized to {size} px: set model.aux_logits=false or data.image_size>={AUX_MIN_SIZE}"
             )
+        parse_trunk_cache(trunk_cache), parse_views(trunk_cache_views)  # fail fast; train() acts on them
         self.save_hyperparameters()
 
         self.backbone = create_backbone(model_name, num_classes, aux_logits, drop_rate, pretrained, pretrained_file)
@@ -177,6 +181,8 @@ class EcgClassifier(pl.LightningModule):
         self.val_acc_best = MaxMetric()
         self.last_reports: dict[str, dict[str, Any]] = {}
         self._weights_from_checkpoint = False
+        #: Set by models.trunk_cache.maybe_use_trunk_cache: batches may then be cached trunk features.
+        self.trunk_split: TrunkSplit | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location: Any = "cpu", **overrides: Any) -> EcgClassifier:
@@ -196,9 +202,17 @@ class EcgClassifier(pl.LightningModule):
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def run_backbone(self, x: torch.Tensor | TrunkFeatures) -> Any:
+        """The backbone's raw output on images, or only its tail on cached trunk features (models.trunk_cache)."""
+        if isinstance(x, TrunkFeatures):
+            if self.trunk_split is None:
+                raise RuntimeError("cached trunk features need model.trunk_split (see models.trunk_cache)")
+            return self.trunk_split.tail(x)
+        return self.backbone(self._prep(x))
+
+    def forward(self, x: torch.Tensor | TrunkFeatures) -> torch.Tensor:
         """Main-head logits (N, num_classes); the aux head's output is dropped."""
-        out = self.backbone(self._prep(x))
+        out = self.run_backbone(x)
         return out[0] if isinstance(out, (tuple, list)) else out
 
     @staticmethod
@@ -225,7 +239,7 @@ class EcgClassifier(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """One optimisation step on (images, labels)."""
         x, y = self._unpack(batch)
-        out = self.backbone(self._prep(x))
+        out = self.run_backbone(x)
         logits, aux = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
         loss = self.compute_loss(logits, aux, y)
         self.train_acc(logits.detach(), y)
