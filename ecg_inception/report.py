@@ -34,7 +34,10 @@ class MetricsHistory(pl.Callback):
         return {"rows": self.rows}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.rows = list(state_dict.get("rows", []))
+        # Resuming restores the earlier epochs; loading the best checkpoint for testing after a fit (which
+        # restores callback states too) must not cut the history back to that epoch.
+        if not self.rows:
+            self.rows = list(state_dict.get("rows", []))
 
 
 def _plain(value: Any) -> Any:

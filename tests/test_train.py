@@ -64,7 +64,7 @@ def trained(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_run_dir_holds_the_full_report(trained) -> None:
-    tmp, cfg, metrics, _ = trained
+    tmp, cfg, metrics, objects = trained
     run = Path(cfg.paths.output_dir)
     for name in ("config.yaml", "splits.csv", "metrics.json", "confusion_matrix.png", "training_curves.png"):
         assert (run / name).is_file(), name
@@ -82,6 +82,10 @@ def test_run_dir_holds_the_full_report(trained) -> None:
         assert len(cm) == 4 and all(len(row) == 4 for row in cm)
         assert sum(map(sum, cm)) == sum(saved[split]["per_class"][k]["support"] for k in saved["labels"])
     assert "val/acc_best" in saved["logged"]
+    # The curves cover every epoch, not just the epochs up to the best checkpoint loaded for testing.
+    history = objects["history"].rows
+    assert [row["epoch"] for row in history] == [0.0, 1.0]
+    assert all("train/loss" in row and "val/loss" in row for row in history)
 
 
 def test_same_seed_gives_identical_metrics(trained, synthetic_root: Path, tmp_path: Path) -> None:
