@@ -88,6 +88,7 @@ def test_run_dir_holds_the_full_report(trained) -> None:
     assert all("train/loss" in row and "val/loss" in row for row in history)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_metrics(trained, synthetic_root: Path, tmp_path: Path) -> None:
     _, _, first, _ = trained
     cfg = compose_cfg("train", tiny_overrides(synthetic_root, tmp_path, out="again"))
@@ -96,6 +97,7 @@ def test_same_seed_gives_identical_metrics(trained, synthetic_root: Path, tmp_pa
     assert second["test"] == first["test"]
 
 
+@pytest.mark.slow
 def test_resume_from_last_checkpoint(trained, synthetic_root: Path) -> None:
     tmp, cfg, _, objects = trained
     overrides = tiny_overrides(synthetic_root, tmp) + ["ckpt_path=last", "trainer.max_epochs=3"]
@@ -134,6 +136,7 @@ def test_offline_pretrained_fails_fast_before_any_data(tmp_path: Path, monkeypat
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow
 def test_multirun_grid_writes_one_report_per_job(synthetic_root: Path, tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     args = [a for a in tiny_overrides(synthetic_root, tmp_path) if not a.startswith("paths.output_dir")]
