@@ -33,28 +33,26 @@ log = logging.getLogger(__name__)
 SPLITS_FILE = "splits.csv"
 
 
-def instantiate_callbacks(callbacks_cfg: DictConfig | None) -> list[Callback]:
-    """Instantiate every callback config that has a `_target_` (entries set to null are skipped)."""
-    callbacks: list[Callback] = []
-    for name, cb_conf in (callbacks_cfg or {}).items():
-        if cb_conf is None:
+def instantiate_named(group: str, group_cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a named-config group (callbacks, logger); entries set to null are skipped."""
+    objects: list[Any] = []
+    for name, conf in (group_cfg or {}).items():
+        if conf is None:
             continue
-        if not isinstance(cb_conf, DictConfig) or "_target_" not in cb_conf:
-            raise ValueError(f"callbacks.{name}: expected a config with _target_, got {cb_conf!r}")
-        callbacks.append(instantiate(cb_conf))
-    return callbacks
+        if not isinstance(conf, DictConfig) or "_target_" not in conf:
+            raise ValueError(f"{group}.{name}: expected a config with _target_, got {conf!r}")
+        objects.append(instantiate(conf))
+    return objects
+
+
+def instantiate_callbacks(callbacks_cfg: DictConfig | None) -> list[Callback]:
+    """The Lightning callbacks of `cfg.callbacks`."""
+    return instantiate_named("callbacks", callbacks_cfg)
 
 
 def instantiate_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
-    """Instantiate every logger config that has a `_target_`."""
-    loggers: list[Logger] = []
-    for name, lg_conf in (logger_cfg or {}).items():
-        if lg_conf is None:
-            continue
-        if not isinstance(lg_conf, DictConfig) or "_target_" not in lg_conf:
-            raise ValueError(f"logger.{name}: expected a config with _target_, got {lg_conf!r}")
-        loggers.append(instantiate(lg_conf))
-    return loggers
+    """The Lightning loggers of `cfg.logger`."""
+    return instantiate_named("logger", logger_cfg)
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, log_dir: Path, task_name: str) -> Path | None:
