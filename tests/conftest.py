@@ -27,3 +27,14 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synthetic")
     generate_dataset(out, per_class=6, seed=0, duplicates=2, scale=0.5)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads run ~5x slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
