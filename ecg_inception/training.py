@@ -189,7 +189,14 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     history = MetricsHistory()
     callbacks.append(history)
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    extra: dict[str, Any] = {}
+    if "enable_checkpointing" not in cfg.trainer and not any(
+        isinstance(c, ModelCheckpoint) for c in callbacks
+    ):
+        # No ModelCheckpoint configured (callbacks=sweep/none): Lightning would otherwise add its own and
+        # write a full checkpoint every epoch, which costs more than a cached tail epoch.
+        extra["enable_checkpointing"] = False
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
 
     if cfg.get("train", True):
         trainer.fit(model=model, datamodule=loaders, ckpt_path=str(ckpt) if ckpt else None)
