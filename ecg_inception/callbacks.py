@@ -1,13 +1,15 @@
-"""Training callbacks of our own: keep the best weights in memory instead of writing a checkpoint per epoch."""
+"""Training callbacks of our own: best weights kept in memory for sweeps; a run-long weight average (EMA)."""
 
 from __future__ import annotations
 
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
 
 log = logging.getLogger(__name__)
 
@@ -72,3 +74,62 @@ class BestWeights(pl.Callback):
             path.parent.mkdir(parents=True, exist_ok=True)
             trainer.save_checkpoint(path, weights_only=True)
             self.best_model_path = str(path)
+
+
+class EmaWeights(EMAWeightAveraging):
+    """Exponential moving average of the weights (Lightning's `EMAWeightAveraging`), starting at `start_epoch`.
+
+    Once the average has started, validation, checkpoints and therefore best-checkpoint selection see the
+    averaged weights, as in the parent; before that they see the current weights. Starting late matters from
+    scratch: a random network's first BatchNorm statistics are huge (losses ~1e6), and an average that includes
+    them needs thousands of steps to forget them. The parent also keeps its averaged model after `fit`, so a later
+    `trainer.test(ckpt_path=...)` would test the checkpoint's raw weights; here the average is dropped when fitting
+    ends, so validate/test/predict load the checkpoint's `state_dict`, which holds the averaged weights.
+    """
+
+    def __init__(self, decay: float = 0.999, start_epoch: int = 0, **kwargs: Any) -> None:
+        if not 0.0 < float(decay) < 1.0:
+            raise ValueError(f"EmaWeights: decay must lie in (0, 1), got {decay}")
+        if int(start_epoch) < 0:
+            raise ValueError(f"EmaWeights: start_epoch must be >= 0, got {start_epoch}")
+        super().__init__(decay=float(decay), **kwargs)
+        self.start_epoch = int(start_epoch)
+
+    def _started(self) -> bool:
+        return self._average_model is not None and int(self._average_model.n_averaged) > 0
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.current_epoch >= self.start_epoch:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._started():
+            super().on_validation_epoch_start(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._started():
+            super().on_validation_epoch_end(trainer, pl_module)
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self._average_model is None or self._started():
+            super().on_save_checkpoint(trainer, pl_module, checkpoint)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._started():
+            super().on_train_end(trainer, pl_module)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        if stage == "fit":
+            self._average_model = None
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self._average_model is None:
+            return  # outside fit: the checkpoint's state_dict already holds the averaged weights
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)

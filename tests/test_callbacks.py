@@ -1,13 +1,16 @@
-"""BestWeights keeps the best epoch's weights in memory and restores them when fitting ends."""
+"""BestWeights keeps the best epoch's weights in memory and restores them when fitting ends; EmaWeights tests
+the averaged weights its checkpoints hold."""
 
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ecg_inception.callbacks import BestWeights
+from ecg_inception.callbacks import BestWeights, EmaWeights
 
 SCORES = [0.5, 0.9, 0.7]
 
@@ -75,3 +78,66 @@ def test_only_changing_tensors_are_copied() -> None:
         "bn.running_var",
         "bn.num_batches_tracked",
     }
+
+
+class Averaged(pl.LightningModule):
+    """A linear model that records the weights it validates and tests with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(3, 2)
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def training_step(self, batch, _):
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(x), y)
+
+    def validation_step(self, batch, _):
+        self.seen["val"] = self.head.weight.detach().clone()
+        self.log("val/loss", float(self.current_epoch))
+
+    def test_step(self, batch, _):
+        self.seen["test"] = self.head.weight.detach().clone()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1.0)
+
+
+def test_ema_weights_are_validated_checkpointed_and_tested(tmp_path) -> None:
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(32, 3), torch.randint(0, 2, (32,)))
+    loader = DataLoader(data, batch_size=8)
+    model = Averaged()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val/loss", mode="min", save_top_k=1)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[EmaWeights(decay=0.5), ckpt], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, loader, loader)
+    saved = torch.load(ckpt.best_model_path, weights_only=True)
+    averaged, raw = saved["state_dict"]["head.weight"], saved["current_model_state"]["head.weight"]
+    assert not torch.allclose(averaged, raw)  # lr 1.0 and decay 0.5: the average lags the raw weights
+    trainer.test(model, loader, ckpt_path=ckpt.best_model_path, verbose=False)
+    assert torch.equal(model.seen["test"], averaged)
+    trainer.validate(model, loader, ckpt_path=ckpt.best_model_path, verbose=False)
+    assert torch.equal(model.seen["val"], averaged)
+
+
+def test_ema_before_start_epoch_leaves_the_current_weights(tmp_path) -> None:
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(32, 3), torch.randint(0, 2, (32,)))
+    loader = DataLoader(data, batch_size=8)
+    model = Averaged()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[EmaWeights(decay=0.5, start_epoch=5), ckpt], logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, loader, loader)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert "current_model_state" not in saved
+    assert torch.equal(saved["state_dict"]["head.weight"], model.head.weight)
+    assert torch.equal(model.seen["val"], model.head.weight)
+
+
+def test_ema_rejects_bad_settings() -> None:
+    with pytest.raises(ValueError, match="decay"):
+        EmaWeights(decay=1.5)
+    with pytest.raises(ValueError, match="start_epoch"):
+        EmaWeights(start_epoch=-1)
