@@ -11,6 +11,7 @@ from ecg_inception.data.crop import CropBox
 from ecg_inception.data.transforms import (
     JpegNoise,
     Normalize,
+    RandomShift,
     build_train_augment,
     ink_image,
     ink_thickening,
@@ -116,7 +117,7 @@ def _half_dark(size: int = 64) -> torch.Tensor:
     return img
 
 
-@pytest.mark.parametrize("kind", ["ecg", "paper"])
+@pytest.mark.parametrize("kind", ["ecg", "shift", "paper"])
 def test_augmentation_never_flips(kind: str) -> None:
     augment = build_train_augment(kind)
     assert not any(isinstance(t, v2.RandomHorizontalFlip | v2.RandomVerticalFlip) for t in _walk(augment))
@@ -170,3 +171,27 @@ def test_normalize_rescales_then_standardises() -> None:
     assert batch.shape == (1, 3, 2, 2)
     with pytest.raises(TypeError):
         normalize(img.float(), (0.5,) * 3, (0.5,) * 3)
+
+
+def test_shift_moves_whole_pixels_only_with_white_fill() -> None:
+    torch.manual_seed(0)
+    img = torch.randint(0, 200, (3, 50, 50), dtype=torch.uint8)  # no pure white: the fill is recognisable
+    shift = build_train_augment("shift")
+    moved = 0
+    for _ in range(20):
+        out = shift(img)
+        rows = (out != 255).any(dim=0).any(dim=1).nonzero().flatten()
+        cols = (out != 255).any(dim=0).any(dim=0).nonzero().flatten()
+        top, left = int(rows[0]), int(cols[0])
+        dy = top if top > 0 else -(50 - 1 - int(rows[-1]))
+        dx = left if left > 0 else -(50 - 1 - int(cols[-1]))
+        assert abs(dy) <= 2 and abs(dx) <= 2  # 4 % of 50 px
+        expected = torch.full_like(img, 255)
+        expected[:, max(dy, 0):50 + min(dy, 0), max(dx, 0):50 + min(dx, 0)] = img[
+            :, max(-dy, 0):50 + min(-dy, 0), max(-dx, 0):50 + min(-dx, 0)
+        ]
+        assert torch.equal(out, expected)  # every pixel is a copy or white: nothing resampled
+        moved += (dy, dx) != (0, 0)
+    assert moved > 10
+    with pytest.raises(ValueError, match="fraction"):
+        RandomShift(0.6)
