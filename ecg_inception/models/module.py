@@ -134,7 +134,7 @@ class EcgClassifier(pl.LightningModule):
         optimizer: dict[str, Any] | Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: dict[str, Any] | Callable[..., Any] | None = None,
         preprocessing: dict[str, Any] | None = None,
-        channels_last: bool = False,
+        channels_last: bool = True,
         trunk_cache: bool | str | None = "auto",
         trunk_cache_views: int | None = None,
     ) -> None:
