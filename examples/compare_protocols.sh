@@ -24,17 +24,10 @@
 #       model.aux_logits=false data.image_size=75 data.num_workers=0 trainer.max_epochs=1
 set -euo pipefail
 
-if [ "$#" -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-  exit 2
-fi
-ROOT=$1
-shift
-OUT=./compare_protocols
-if [ "$#" -gt 0 ] && [[ "$1" != *=* ]]; then
-  OUT=$1
-  shift
-fi
+# shellcheck source=examples/_args.sh
+source "$(dirname "$0")/_args.sh"
+parse_example_args ./compare_protocols "$@"
+OUT=$DIR
 SEED=${SEED:-0}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -59,7 +52,7 @@ for protocol in leakfree paper; do
   echo "== train: experiment=$protocol"
   ecg-inception-train "experiment=$protocol" "seed=$SEED" "data.root=$ROOT" \
     "data.split_manifest=$OUT/$protocol/splits.csv" "hydra.run.dir=$OUT/$protocol/run" \
-    "paths.log_dir=$OUT/logs" "$@"
+    "paths.log_dir=$OUT/logs" "${OVERRIDES[@]}"
 done
 
 echo

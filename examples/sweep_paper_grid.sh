@@ -25,17 +25,10 @@
 #       model.optimizer.lr=0.001 model/unfreeze=all model.drop_rate=0.3,0.5
 set -euo pipefail
 
-if [ "$#" -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
-  exit 2
-fi
-ROOT=$1
-shift
-SWEEP=./paper_grid
-if [ "$#" -gt 0 ] && [[ "$1" != *=* ]]; then
-  SWEEP=$1
-  shift
-fi
+# shellcheck source=examples/_args.sh
+source "$(dirname "$0")/_args.sh"
+parse_example_args ./paper_grid "$@"
+SWEEP=$DIR
 EXPERIMENT=${EXPERIMENT:-paper}
 SEED=${SEED:-0}
 mkdir -p "$SWEEP"
@@ -51,7 +44,7 @@ ecg-inception-split "$ROOT" --protocol "$EXPERIMENT" --seed "$SEED" --out "$SWEE
 echo
 echo "== multirun: experiment=$EXPERIMENT hparams_search=paper_grid"
 ecg-inception-train -m "experiment=$EXPERIMENT" hparams_search=paper_grid "seed=$SEED" "data.root=$ROOT" \
-  "data.split_manifest=$SWEEP/splits.csv" "hydra.sweep.dir=$SWEEP" "paths.log_dir=$SWEEP/logs" "$@"
+  "data.split_manifest=$SWEEP/splits.csv" "hydra.sweep.dir=$SWEEP" "paths.log_dir=$SWEEP/logs" "${OVERRIDES[@]}"
 
 echo
 python3 - "$SWEEP" <<'PY'
