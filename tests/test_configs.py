@@ -10,6 +10,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from ecg_inception.training import instantiate_callbacks
+
 CONF = files("ecg_inception.conf")
 EXPERIMENTS = sorted(p.name[:-5] for p in CONF.joinpath("experiment").iterdir() if p.name.endswith(".yaml"))
 SEARCHES = sorted(p.name[:-5] for p in CONF.joinpath("hparams_search").iterdir() if p.name.endswith(".yaml"))
@@ -55,6 +57,8 @@ def test_every_experiment_composes(experiment: str, tmp_path) -> None:
         "paths.output_dir",
     ):
         OmegaConf.select(cfg, key, throw_on_missing=True)
+    callbacks = instantiate_callbacks(cfg.callbacks)  # every callback entry builds
+    assert len(callbacks) == sum(v is not None for v in cfg.callbacks.values())
 
 
 def test_paper_experiment_is_the_seed_setup() -> None:
