@@ -6,7 +6,7 @@ does sequentially, all on one shared split manifest made first, twice: `model.tr
 everything else equal (`data.augment=false`, 299 px with aux logits on, `callbacks=sweep`, `plots=false`,
 weights from `--weights`, else a random trunk with BatchNorm statistics calibrated on the training images: the
 same compute as ImageNet weights and realistic activation scales, so the fp16 cache is exercised). Each mode
-gets a fresh cache dir. The default workload (12 jobs, 96 synthetic pages, 10 epochs) is still small next to a
+gets a fresh cache dir. The default workload (12 jobs, 96 synthetic pages, 20 epochs) is still small next to a
 real paper-budget sweep (up to 200 epochs, early stopping at patience 10). Prints per-mode wall time, the speed-up (target >= 20x), cached total vs one trunk pass + tail work
 (target <= 1.5x), per-job overhead, and the test metrics of both modes side by side.
 
@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="16,32")
     parser.add_argument("--lrs", default="0.001,0.01,0.1")
     parser.add_argument("--drop-rates", default="0.3,0.5")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--size", type=int, default=299, help="input size (>= 299 keeps aux logits on)")
     parser.add_argument("--weights", type=Path, default=None,
                         help="ImageNet inception_v3 checkpoint (model.pretrained_file); default: a random trunk "
