@@ -157,3 +157,15 @@ def test_report_keys_and_a_known_confusion_matrix() -> None:
 def test_aux_logits_below_299_px_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"aux_logits=True needs inputs of at least 299 px.*data.image_size"):
         EcgClassifier(pretrained=False, aux_logits=True, preprocessing={"size": 160})
+
+
+def test_compile_is_in_place_and_keeps_checkpoint_keys() -> None:
+    torch.manual_seed(0)
+    plain = EcgClassifier(pretrained=False, aux_logits=False, drop_rate=0.0, unfreeze={"blocks": "all"})
+    compiled = EcgClassifier(pretrained=False, aux_logits=False, drop_rate=0.0, unfreeze={"blocks": "all"},
+                             compile={"dynamic": False})
+    assert getattr(plain.backbone, "_compiled_call_impl", None) is None
+    assert compiled.backbone._compiled_call_impl is not None  # torch.compile is lazy: nothing built yet
+    assert list(compiled.state_dict()) == list(plain.state_dict())
+    compiled.load_state_dict(plain.state_dict())  # checkpoints move between compiled and eager modules
+    assert compiled.hparams.compile == {"dynamic": False}

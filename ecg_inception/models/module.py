@@ -135,6 +135,7 @@ class EcgClassifier(pl.LightningModule):
         scheduler: dict[str, Any] | Callable[..., Any] | None = None,
         preprocessing: dict[str, Any] | None = None,
         channels_last: bool = True,
+        compile: bool | dict[str, Any] = False,
         trunk_cache: bool | str | None = "auto",
         trunk_cache_views: int | None = None,
     ) -> None:
@@ -171,6 +172,10 @@ class EcgClassifier(pl.LightningModule):
         self.backbone = create_backbone(model_name, num_classes, aux_logits, drop_rate, pretrained, pretrained_file)
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
+        if compile:
+            # In place (nn.Module.compile): state_dict keys stay the same, so checkpoints load either way. The
+            # trunk cache calls the backbone's blocks one by one and so runs them uncompiled.
+            self.backbone.compile(**(compile if isinstance(compile, dict) else {}))
         self.freeze_plan = apply_unfreeze(self.backbone, **(unfreeze or {}))
         self.labels = list(labels) if labels else [str(i) for i in range(num_classes)]
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
