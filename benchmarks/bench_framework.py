@@ -83,13 +83,15 @@ def build_pair(args: argparse.Namespace) -> tuple[EcgClassifier, nn.Module]:
     module = EcgClassifier(
         model_name="inception_v3", num_classes=NUM_CLASSES, pretrained=False, aux_logits=args.aux,
         aux_weight=args.aux_weight, drop_rate=args.drop_rate, unfreeze=parse_unfreeze(args.unfreeze),
-        optimizer={"name": "adam", "lr": args.lr},
+        optimizer={"name": "adam", "lr": args.lr}, channels_last=args.channels_last,
     )  # fmt: skip
     kwargs = {"num_classes": NUM_CLASSES, "drop_rate": args.drop_rate}
     if args.aux:
         kwargs["aux_logits"] = True
     plain = timm.create_model("inception_v3", pretrained=False, **kwargs)
     plain.load_state_dict(module.backbone.state_dict())
+    if args.channels_last:  # the same layout as the module: weights once, every batch on the way in
+        plain.to(memory_format=torch.channels_last)
     trainable = {n for n, p in module.backbone.named_parameters() if p.requires_grad}
     for name, p in plain.named_parameters():
         p.requires_grad_(name in trainable)
@@ -126,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aux-weight", type=float, default=0.4)
     parser.add_argument("--drop-rate", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="NHWC layout in both variants (EcgClassifier's default)")
     add_threads_arg(parser)
     add_json_arg(parser)
     args = parser.parse_args(argv)
@@ -168,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         set_frozen_bn_eval_plain(plain)
         ends: list[float] = []
         for x, y in loader:
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             out = plain(x)
             logits, aux = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
             loss = F.cross_entropy(logits, y)
@@ -188,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, (x, y) in enumerate(loader):
         if i == args.process_warmup:
             break
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         out = plain(x)
         loss = F.cross_entropy(out[0] if isinstance(out, (tuple, list)) else out, y)
         warm_opt.zero_grad(set_to_none=True)
