@@ -278,6 +278,16 @@ def apply_threads(args: argparse.Namespace) -> None:
         torch.set_num_threads(int(args.threads))
 
 
+def start_cpu_benchmark(args: argparse.Namespace, title: str) -> dict[str, Any]:
+    """What every CPU script does before measuring: apply --threads, silence known warnings, describe the
+    machine and print that header. Returns the machine description (for the JSON output)."""
+    apply_threads(args)
+    quiet_warnings()
+    info = machine_info("cpu")
+    print_machine(info, title)
+    return info
+
+
 def parse_unfreeze(text: str) -> dict[str, Any]:
     """'all' | 'N' (trailing blocks) | 'layers:N' (trailing leaf layers) -> EcgClassifier's `unfreeze` dict."""
     text = str(text).strip()

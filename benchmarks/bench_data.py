@@ -28,15 +28,12 @@ from _common import (
     Check,
     add_json_arg,
     add_threads_arg,
-    apply_threads,
-    machine_info,
     median,
     print_checks,
-    print_machine,
     print_table,
-    quiet_warnings,
     save_json,
     spread,
+    start_cpu_benchmark,
 )
 
 from ecg_inception.data import cache as cache_module
@@ -86,10 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.split_manifest and not args.root:
         parser.error("--split-manifest needs --root")
 
-    apply_threads(args)
-    quiet_warnings()
-    info = machine_info("cpu")
-    print_machine(info, "bench_data: EcgDataModule train loader, epoch 1 vs epoch 2, decoded cache on/off")
+    info = start_cpu_benchmark(args, "bench_data: EcgDataModule train loader, epoch 1 vs epoch 2, decoded cache on/off")
     tmp = Path(tempfile.mkdtemp(prefix="ecg_bench_data_"))
     figures: dict[str, object] = {}
     try:

@@ -26,16 +26,13 @@ from _common import (
     add_json_arg,
     add_threads_arg,
     alternate,
-    apply_threads,
     check_aux_size,
-    machine_info,
     median,
     parse_unfreeze,
     print_checks,
-    print_machine,
-    quiet_warnings,
     save_json,
     spread,
+    start_cpu_benchmark,
 )
 from lightning.pytorch import Callback, Trainer
 from torch import nn
@@ -138,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parse_unfreeze(args.unfreeze)
     check_aux_size(parser, args.aux, args.size)
 
-    apply_threads(args)
-    quiet_warnings()
-    info = machine_info("cpu")
-    print_machine(info, "bench_framework: Lightning Trainer vs plain timm + PyTorch loop (training step)")
+    info = start_cpu_benchmark(args, "bench_framework: Lightning Trainer vs plain timm + PyTorch loop (training step)")
     module, plain = build_pair(args)
     n_train = sum(p.numel() for p in plain.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in plain.parameters())

@@ -25,18 +25,15 @@ from _common import (
     Check,
     add_json_arg,
     add_threads_arg,
-    apply_threads,
     check_aux_size,
     load_average,
-    machine_info,
     median,
     paired_ratios,
     print_checks,
-    print_machine,
     print_table,
-    quiet_warnings,
     save_json,
     spread,
+    start_cpu_benchmark,
 )
 
 from ecg_inception.models.module import EcgClassifier
@@ -96,10 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("sizes, --rounds and --iters must be >= 1 (--train-rounds >= 0)")
     check_aux_size(parser, args.aux, args.size)
 
-    apply_threads(args)
-    quiet_warnings()
-    info = machine_info("cpu")
-    print_machine(info, "bench_inference: eager fp32 NCHW vs channels_last on CPU (inference and training step)")
+    info = start_cpu_benchmark(args, "bench_inference: eager fp32 NCHW vs channels_last on CPU (inference and training step)")
     torch.manual_seed(0)
     figures: dict[str, object] = {}
 

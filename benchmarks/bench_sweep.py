@@ -31,14 +31,11 @@ from _common import (  # noqa: E402
     Check,
     add_json_arg,
     add_threads_arg,
-    apply_threads,
     load_average,
-    machine_info,
     print_checks,
-    print_machine,
     print_table,
-    quiet_warnings,
     save_json,
+    start_cpu_benchmark,
 )
 
 
@@ -177,11 +174,7 @@ def main() -> None:
     add_threads_arg(parser)
     add_json_arg(parser)
     args = parser.parse_args()
-    apply_threads(args)
-    quiet_warnings()
-
-    info = machine_info()
-    print_machine(info, "trunk-cache sweep: paper grid with model.trunk_cache=on vs off")
+    info = start_cpu_benchmark(args, "trunk-cache sweep: paper grid with model.trunk_cache=on vs off")
     grid = list(itertools.product(args.batch_sizes.split(","), args.lrs.split(","), args.drop_rates.split(",")))
     n_unc = len(grid) if args.uncached_jobs <= 0 else min(args.uncached_jobs, len(grid))
     print(f"grid    : {len(grid)} jobs (batch {args.batch_sizes} x lr {args.lrs} x drop {args.drop_rates}), "

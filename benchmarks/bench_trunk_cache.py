@@ -28,12 +28,9 @@ import torch.nn.functional as F
 from _common import (
     add_threads_arg,
     alternate,
-    apply_threads,
-    machine_info,
     median,
-    print_machine,
-    quiet_warnings,
     spread,
+    start_cpu_benchmark,
 )
 
 from ecg_inception.models.freezing import apply_unfreeze, set_frozen_bn_eval
@@ -116,10 +113,7 @@ def main() -> None:
     parser.add_argument("--parts", default="steps,build,validate", help="comma-separated subset to run")
     add_threads_arg(parser)
     args = parser.parse_args()
-    apply_threads(args)
-    quiet_warnings()
-    info = machine_info()
-    print_machine(info, "trunk cache: tail steps on cached features vs recomputing the frozen trunk")
+    start_cpu_benchmark(args, "trunk cache: tail steps on cached features vs recomputing the frozen trunk")
     torch.manual_seed(0)
     base = timm.create_model("inception_v3", pretrained=False, num_classes=4, aux_logits=not args.no_aux)
     gen = torch.Generator().manual_seed(0)
