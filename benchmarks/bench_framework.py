@@ -137,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
 
     info = start_cpu_benchmark(args, "bench_framework: Lightning Trainer vs plain timm + PyTorch loop (training step)")
     module, plain = build_pair(args)
+
+    def layout(x: torch.Tensor) -> torch.Tensor:
+        """The plain loop's input layout, as EcgClassifier converts its batches."""
+        return x.contiguous(memory_format=torch.channels_last) if args.channels_last else x
+
     n_train = sum(p.numel() for p in plain.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in plain.parameters())
     print(f"model   : inception_v3, {args.size} px, aux {'on' if args.aux else 'off'}, unfreeze {args.unfreeze} "
@@ -166,9 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         set_frozen_bn_eval_plain(plain)
         ends: list[float] = []
         for x, y in loader:
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            out = plain(x)
+            out = plain(layout(x))
             logits, aux = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
             loss = F.cross_entropy(logits, y)
             if aux is not None and args.aux_weight:
@@ -188,9 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     for i, (x, y) in enumerate(loader):
         if i == args.process_warmup:
             break
-        if args.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        out = plain(x)
+        out = plain(layout(x))
         loss = F.cross_entropy(out[0] if isinstance(out, (tuple, list)) else out, y)
         warm_opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -7,8 +7,9 @@ everything else equal (`data.augment=false`, 299 px with aux logits on, `callbac
 weights from `--weights`, else a random trunk with BatchNorm statistics calibrated on the training images: the
 same compute as ImageNet weights and realistic activation scales, so the fp16 cache is exercised). Each mode
 gets a fresh cache dir. The default workload (12 jobs, 96 synthetic pages, 20 epochs) is still small next to a
-real paper-budget sweep (up to 200 epochs, early stopping at patience 10). Prints per-mode wall time, the speed-up (target >= 20x), cached total vs one trunk pass + tail work
-(target <= 1.5x), per-job overhead, and the test metrics of both modes side by side.
+real paper-budget sweep (up to 200 epochs, early stopping at patience 10). Prints per-mode wall time, the
+speed-up (target >= 20x), cached total vs one trunk pass + tail work (target <= 1.5x), per-job overhead, and
+the test metrics of both modes side by side.
 
 An uncached job at 299 px runs at ~1-2 img/s on 2 loaded cores, so by default only the first
 `--uncached-jobs` jobs run uncached and the uncached total is EXTRAPOLATED (mean job time x all jobs);

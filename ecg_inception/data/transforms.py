@@ -182,7 +182,7 @@ def build_train_augment(kind: str = "ecg") -> Callable[[torch.Tensor], torch.Ten
     - `ecg`: ECG-safe: rotation up to 3 degrees, shift up to 4 %, scale 0.95-1.05, slight perspective,
       brightness/contrast, occasional Gaussian blur and JPEG re-encoding (scanner and compression noise).
     - `shift`: whole-pixel moves up to 4 % only (`RandomShift`): nothing is resampled, so thin traces stay
-      sharp at small sizes (from scratch at 160 px, `ecg` stopped training from scratch from fitting).
+      sharp at small sizes (from scratch at 160 px, `ecg` kept the model from fitting at all).
     - `paper`: the seed code's augmentation (rotation up to 20 degrees, width/height shift up to 0.2)
       WITHOUT its horizontal flip, which would reverse time on an ECG.
     - `none`: identity.
