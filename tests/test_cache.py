@@ -22,14 +22,15 @@ SETTINGS = PreprocessSettings(
 BIG = PreprocessSettings(size=128)
 
 
-def _image(value: int, size: int = 8) -> torch.Tensor:
-    return torch.full((3, size, size), value, dtype=torch.uint8)
+def _image(value: int, size: int | tuple[int, int] = 8) -> torch.Tensor:
+    height, width = (size, size) if isinstance(size, int) else size
+    return torch.full((3, height, width), value, dtype=torch.uint8)
 
 
 class Builder:
     """A build function that counts its calls."""
 
-    def __init__(self, value: int = 7, size: int = 8) -> None:
+    def __init__(self, value: int = 7, size: int | tuple[int, int] = 8) -> None:
         self.calls = 0
         self.value, self.size = value, size
 
@@ -104,6 +105,19 @@ def test_size_change_and_wrong_build_rejected(tmp_path: Path, src: Path) -> None
     assert cache.get(src, PreprocessSettings(size=4), Builder(1, size=4)).shape == (3, 4, 4)
     with pytest.raises(ValueError, match="expected"):
         cache.get(src, PreprocessSettings(size=6), Builder(1, size=4))
+    wide = PreprocessSettings(size=[4, 8])
+    assert wide.size == (4, 8) and PreprocessSettings(size=4).size == (4, 4)
+    assert cache.get(src, wide, Builder(2, size=(4, 8))).shape == (3, 4, 8)
+    assert torch.equal(DecodedCache(tmp_path, memory_mb=0).get(src, wide, Builder(0)), _image(2, (4, 8)))  # disk hit
+    with pytest.raises(ValueError, match=r"expected \(3, 8, 4\)"):
+        cache.get(src, PreprocessSettings(size=[8, 4]), Builder(1, size=(4, 8)))
+
+
+def test_square_fingerprint_unchanged_by_pair_sizes() -> None:
+    """A square size keys the cache as the int it always was, so entries made before [h, w] sizes stay valid."""
+    assert '"size": 8' in PreprocessSettings(size=8).fingerprint()
+    assert PreprocessSettings(size=8).fingerprint() == PreprocessSettings(size=(8, 8)).fingerprint()
+    assert '"size": [4, 8]' in PreprocessSettings(size=[4, 8]).fingerprint()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "empty", "garbage"])

@@ -203,6 +203,18 @@ def test_root_none_generates_synthetic_once(tmp_path: Path, monkeypatch) -> None
     assert (tmp_path / "decoded").is_dir()
 
 
+def test_non_square_image_size_reaches_batches_cache_and_preprocessing(fitted: EcgDataModule) -> None:
+    dm = _reuse(fitted, image_size=OmegaConf.create([SIZE, 2 * SIZE]), ink=True)  # as Hydra passes a list
+    dm.setup("fit")
+    assert dm.data_config.size == (SIZE, 2 * SIZE) and dm.preprocessing["size"] == [SIZE, 2 * SIZE]
+    x, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, SIZE, 2 * SIZE)
+    assert dm.dataset("val").load_uint8(0).shape == (3, SIZE, 2 * SIZE)
+    assert _reuse(fitted, image_size=[SIZE, SIZE]).preprocessing["size"] == SIZE  # a square stays an int
+    with pytest.raises(ValueError, match=r"image_size.*\[75\]"):
+        _reuse(fitted, image_size=[SIZE])
+
+
 def test_ink_option_reaches_settings_images_and_preprocessing(fitted: EcgDataModule) -> None:
     dm = _reuse(fitted, ink=True)
     dm.setup("fit")

@@ -157,6 +157,8 @@ def test_report_keys_and_a_known_confusion_matrix() -> None:
 def test_aux_logits_below_299_px_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match=r"aux_logits=True needs inputs of at least 299 px.*data.image_size"):
         EcgClassifier(pretrained=False, aux_logits=True, preprocessing={"size": 160})
+    with pytest.raises(ValueError, match=r"at least 299 px on each side.*\[299, 160\]"):
+        EcgClassifier(pretrained=False, aux_logits=True, preprocessing={"size": [299, 160]})
 
 
 def test_compile_is_in_place_and_keeps_checkpoint_keys() -> None:

@@ -120,9 +120,28 @@ def test_evaluate_uses_checkpoint_preprocessing(trained, tmp_path: Path) -> None
         ],
     )
     result, objects = evaluate(ev_cfg)
-    assert objects["datamodule"].data_config.size == 75
+    assert objects["datamodule"].data_config.size == (75, 75)
     assert set(result["test"]) >= METRIC_KEYS
     assert (tmp_path / "eval" / "metrics.json").is_file()
+
+
+def test_non_square_input_trains_and_evaluates_at_its_shape(synthetic_root: Path, tmp_path: Path) -> None:
+    """data.image_size=[h, w] reaches the model, the checkpoint and eval (which must not fall back to a square)."""
+    overrides = tiny_overrides(synthetic_root, tmp_path) + [
+        "data.image_size=[75,112]", "trainer.max_epochs=1", "plots=false", "data.ink=true",
+    ]  # fmt: skip
+    _, objects = train(compose_cfg("train", overrides))
+    assert objects["model"].hparams.preprocessing["size"] == [75, 112]
+    x, _ = next(iter(objects["datamodule"].test_dataloader()))
+    assert x.shape[1:] == (3, 75, 112)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ev_cfg = compose_cfg(
+        "eval",
+        [f"ckpt_path={ckpt}", f"paths.output_dir={tmp_path / 'eval'}", f"paths.cache_dir={tmp_path / 'cache'}",
+         "data.num_workers=0", "plots=false", "+trainer.enable_progress_bar=false"],
+    )  # fmt: skip
+    _, ev = evaluate(ev_cfg)
+    assert ev["datamodule"].data_config.size == (75, 112) and ev["datamodule"].ink is True
 
 
 def test_offline_pretrained_fails_fast_before_any_data(tmp_path: Path, monkeypatch) -> None:

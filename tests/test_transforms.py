@@ -16,8 +16,10 @@ from ecg_inception.data.transforms import (
     ink_image,
     ink_thickening,
     normalize,
+    parse_image_size,
     preprocess,
     resolve_data_config,
+    size_value,
 )
 
 
@@ -31,12 +33,31 @@ def _walk(t: object) -> list[object]:
 
 def test_inception_v3_config() -> None:
     cfg = resolve_data_config("inception_v3")
-    assert (cfg.size, cfg.interpolation) == (299, "bicubic")
+    assert (cfg.size, cfg.interpolation) == ((299, 299), "bicubic")
     assert cfg.mean == (0.5, 0.5, 0.5) and cfg.std == (0.5, 0.5, 0.5)
-    assert resolve_data_config("inception_v3", image_size=96).size == 96
+    assert resolve_data_config("inception_v3", image_size=96).size == (96, 96)
+    wide = resolve_data_config("inception_v3", image_size=[128, 256])
+    assert wide.size == (128, 256) and (wide.height, wide.width) == (128, 256)
     assert resolve_data_config("resnet18").mean[0] == pytest.approx(0.485)
     with pytest.raises(ValueError, match="no pretrained config"):
         resolve_data_config("no_such_model_xyz")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(96, (96, 96)), ([128, 256], (128, 256)), ((75, 80), (75, 80))]
+)
+def test_parse_image_size(value: object, expected: tuple[int, int]) -> None:
+    assert parse_image_size(value) == expected  # type: ignore[arg-type]
+    assert size_value(expected) == (expected[0] if expected[0] == expected[1] else list(expected))
+
+
+@pytest.mark.parametrize("bad", [[128], [128, 256, 3], "128x256", 0, [0, 128], [128.0, 256], True, None])
+def test_parse_image_size_rejects_bad_values(bad: object) -> None:
+    with pytest.raises(ValueError, match="image_size") as err:
+        parse_image_size(bad)  # type: ignore[arg-type]
+    assert repr(bad) in str(err.value)
+    with pytest.raises(ValueError, match="at least 8 pixels"):
+        resolve_data_config("inception_v3", image_size=[4, 128])
 
 
 def _page(w: int = 200, h: int = 100) -> Image.Image:
@@ -53,6 +74,17 @@ def test_preprocess_squash_crop_and_dtype() -> None:
     assert out[:, :14, :14].max() < 20 and out[:, 20:, 20:].min() > 100
     cropped = preprocess(_page(), CropBox(50, 25, 200, 100), 32)  # the black block cropped away
     assert cropped.min() > 100
+
+
+def test_preprocess_non_square_is_height_by_width() -> None:
+    out = preprocess(_page(200, 100), None, [32, 64])
+    assert out.shape == (3, 32, 64)
+    # the page's aspect (2:1) matches the target: the black block is 16 x 8 px, nothing stretched
+    assert out[:, :6, :14].max() < 20 and out[:, 10:, 18:].min() > 100
+    bars = preprocess(_page(200, 100), None, [64, 64], resize="letterbox")
+    exact = preprocess(_page(200, 100), None, [32, 64], resize="letterbox")
+    assert (bars[:, :15] == 255).all() and not (exact[:, :2] == 255).all()  # same aspect: no white bars
+    assert torch.equal(exact, out)
 
 
 def test_letterbox_keeps_aspect_with_white_bars() -> None:
@@ -91,6 +123,9 @@ def test_ink_removes_the_grid_and_keeps_the_trace() -> None:
     with pytest.raises(ValueError, match="odd"):
         ink_image(page, thicken=2)
     assert ink_thickening(1100, 780, 160) == 3 and ink_thickening(200, 100, 160) == 1
+    # non-square: the smaller downscale of the two axes decides (1054/256 = 4.1 beats 618/128 = 4.8)
+    assert ink_thickening(1054, 618, [128, 256]) == 3 and ink_thickening(2108, 1236, [128, 256]) == 5
+    assert ink_thickening(1054, 618, [128, 256], resize="letterbox") == 3
 
 
 def test_preprocess_ink_option() -> None:

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from ecg_inception.data.crop import CropBox
+from ecg_inception.data.transforms import parse_image_size, size_value
 
 CACHE_VERSION = 1  # bump when preprocessing changes in a way the settings do not show
 _MAGIC = b"ECGU8\x00"
@@ -42,18 +43,25 @@ def default_cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class PreprocessSettings:
-    """Everything besides file content that decides a preprocessed tensor; part of the cache key."""
+    """Everything besides file content that decides a preprocessed tensor; part of the cache key.
 
-    size: int
+    `size` is (height, width); an int (a square) is accepted and stored as a pair.
+    """
+
+    size: tuple[int, int]
     resize: str = "squash"
     interpolation: str = "bicubic"
     crop: bool = False
     box: CropBox | None = None  # used only when `crop` is True
     ink: bool = False  # grid removed before resizing (transforms.ink_image)
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size", parse_image_size(self.size))
+
     def fingerprint(self) -> str:
         """A stable text of the settings, the cache format version and the Pillow version that resizes."""
         fields = asdict(self)
+        fields["size"] = size_value(self.size)  # a square stays an int: keys made before [h, w] stay valid
         fields["box"] = self.box.as_list() + [bool(self.box.fallback)] if (self.crop and self.box) else None
         if not self.ink:  # keys made before the ink option stay valid
             del fields["ink"]
@@ -142,7 +150,7 @@ class DecodedCache:
                 self._count(hits=1, memory_hits=1)
                 return cached.clone()
         entry = self.entry_path(key)
-        expected = (3, settings.size, settings.size)
+        expected = (3, *settings.size)
         tensor, found = _read_entry(entry, expected)
         if tensor is not None:
             self._count(hits=1)

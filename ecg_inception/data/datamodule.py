@@ -36,12 +36,15 @@ from ecg_inception.data.split import (
 )
 from ecg_inception.data.transforms import (
     AUGMENT_KINDS,
+    MIN_IMAGE_SIZE,
     RESIZE_MODES,
     DataConfig,
     Normalize,
     build_train_augment,
+    parse_image_size,
     preprocess,
     resolve_data_config,
+    size_value,
 )
 from ecg_inception.errors import DatasetError, ManifestError
 
@@ -177,7 +180,7 @@ class EcgDataModule(L.LightningDataModule):
     `None` means: root -> a synthetic set generated on first use; balance, balance_stage and crop -> the
     protocol's defaults; augment_kind -> "paper" for the paper protocol, else "ecg"; num_workers ->
     `default_num_workers()`; pin_memory -> CUDA available; persistent_workers -> num_workers > 0;
-    image_size -> the model's pretrained input size; ink -> False (True: grid removed before resizing,
+    image_size -> the model's pretrained input size (an int: square; [height, width]: any shape); ink -> False (True: grid removed before resizing,
     see `transforms.ink_image`); cache_dir -> `$ECG_INCEPTION_CACHE` or
     `~/.cache/ecg_inception` (decoded images under `decoded/`, synthetic sets under `synthetic/`).
     """
@@ -196,7 +199,7 @@ class EcgDataModule(L.LightningDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool | None = None,
         model_name: str = "inception_v3",
-        image_size: int | None = None,
+        image_size: int | Sequence[int] | None = None,
         resize: str = "squash",
         crop: bool | None = None,
         augment: bool = True,
@@ -230,6 +233,9 @@ class EcgDataModule(L.LightningDataModule):
         self.persistent_workers = (
             self.num_workers > 0 if persistent_workers is None else bool(persistent_workers)
         )
+        image_size = _plain(image_size)
+        if image_size is not None:
+            parse_image_size(image_size, minimum=MIN_IMAGE_SIZE)  # a bad size fails here, naming the value
         self.model_name, self.image_size, self.resize = model_name, image_size, resize
         self.crop = defaults.crop if crop is None else bool(crop)
         self.augment = bool(augment)
@@ -390,7 +396,7 @@ class EcgDataModule(L.LightningDataModule):
         cfg = self.data_config
         return {
             "model_name": self.model_name,
-            "size": cfg.size,
+            "size": size_value(cfg.size),
             "mean": list(cfg.mean),
             "std": list(cfg.std),
             "interpolation": cfg.interpolation,

@@ -8,8 +8,9 @@ flip: a horizontal flip reverses time and a vertical one inverts the waveforms.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,17 +38,58 @@ _PIL_INTERPOLATION = {
 }
 
 
+MIN_IMAGE_SIZE = 8  # smallest model input side resolve_data_config accepts
+#: An input size: one int (square) or [height, width], as `data.image_size` takes it.
+SizeSpec = int | Sequence[int]
+
+
+def parse_image_size(value: SizeSpec, minimum: int = 1) -> tuple[int, int]:
+    """`data.image_size` -> (height, width): an int is a square, a pair is [height, width] (timm's order).
+
+    A non-square size keeps more of the 10 s time axis than a square squash of the same pixel count.
+    Both sides must be at least `minimum` pixels.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"image_size must be an int or [height, width], got {value!r}")
+    if isinstance(value, (int, np.integer)):
+        pair: list[Any] = [value, value]
+    elif isinstance(value, str) or not isinstance(value, Iterable):
+        raise ValueError(f"image_size must be an int or [height, width], got {value!r}")
+    else:
+        pair = list(value)
+    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in pair):
+        raise ValueError(f"image_size must be an int or [height, width] of two ints, got {value!r}")
+    height, width = int(pair[0]), int(pair[1])
+    if min(height, width) < minimum:
+        raise ValueError(f"image_size must be at least {minimum} pixels on each side, got {value!r}")
+    return height, width
+
+
+def size_value(size: tuple[int, int]) -> int | list[int]:
+    """(height, width) -> the plain value configs and checkpoints store: an int when square, else [h, w]."""
+    height, width = size
+    return height if height == width else [height, width]
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """Input size (square), normalisation and resize interpolation of a timm model."""
+    """Input size as (height, width), normalisation and resize interpolation of a timm model."""
 
-    size: int
+    size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str
 
+    @property
+    def height(self) -> int:
+        return self.size[0]
 
-def resolve_data_config(model_name: str = "inception_v3", image_size: int | None = None) -> DataConfig:
+    @property
+    def width(self) -> int:
+        return self.size[1]
+
+
+def resolve_data_config(model_name: str = "inception_v3", image_size: SizeSpec | None = None) -> DataConfig:
     """Read a timm model's data config from its pretrained cfg (no weights built); `image_size` overrides size."""
     import timm
     import timm.data
@@ -56,9 +98,8 @@ def resolve_data_config(model_name: str = "inception_v3", image_size: int | None
     if cfg is None:
         raise ValueError(f"timm has no pretrained config for model {model_name!r}")
     resolved = timm.data.resolve_data_config(pretrained_cfg=cfg.to_dict())
-    size = int(image_size) if image_size is not None else int(resolved["input_size"][-1])
-    if size < 8:
-        raise ValueError(f"image_size must be at least 8 pixels, got {size}")
+    default = [int(v) for v in resolved["input_size"][-2:]]
+    size = parse_image_size(image_size if image_size is not None else default, minimum=MIN_IMAGE_SIZE)
     interpolation = str(resolved.get("interpolation") or "bicubic")
     if interpolation not in _PIL_INTERPOLATION:
         interpolation = "bicubic"
@@ -83,26 +124,31 @@ def ink_image(img: Image.Image, thicken: int = 1) -> Image.Image:
     return Image.merge("RGB", (grey, grey, grey))
 
 
-def ink_thickening(width: int, height: int, size: int, resize: str = "squash") -> int:
+def ink_thickening(width: int, height: int, size: SizeSpec, resize: str = "squash") -> int:
     """Minimum-filter size for `ink_image` before resizing a width x height image to `size`: about half the
-    downscale factor, odd, 1 (none) below a factor of 2."""
-    fit = min(width, height) if resize == "squash" else max(width, height)
-    return max(1, int(fit / size / 2)) | 1
+    downscale factor (the smaller of the two axes' for squash, the letterbox scale otherwise), odd, 1 (none)
+    below a factor of 2."""
+    out_h, out_w = parse_image_size(size)
+    ratios = (width / out_w, height / out_h)
+    factor = min(ratios) if resize == "squash" else max(ratios)
+    return max(1, int(factor / 2)) | 1
 
 
 def preprocess(
     img: Image.Image,
     box: CropBox | None,
-    size: int,
+    size: SizeSpec,
     resize: str = "squash",
     interpolation: str = "bicubic",
     ink: bool = False,
 ) -> torch.Tensor:
     """Crop to `box` (None: whole page), optionally map to ink (`ink_image`, trace thickened by about half the
-    downscale factor), resize to uint8 [3, size, size].
+    downscale factor), resize to uint8 [3, height, width] (`size`: an int for a square, or [height, width]).
 
-    `squash` stretches to a square as the paper did; `letterbox` keeps the aspect ratio and pads with white.
+    `squash` stretches to the target shape as the paper did; `letterbox` keeps the aspect ratio and pads with
+    white.
     """
+    out_h, out_w = parse_image_size(size)
     if resize not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode {resize!r}; expected one of {', '.join(RESIZE_MODES)}")
     if interpolation not in _PIL_INTERPOLATION:
@@ -120,12 +166,13 @@ def preprocess(
         img = ink_image(img, ink_thickening(img.width, img.height, size, resize))
     method = _PIL_INTERPOLATION[interpolation]
     if resize == "squash":
-        out = img.resize((size, size), method)
+        out = img.resize((out_w, out_h), method)
     else:
-        scale = size / max(img.width, img.height)
-        w, h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
-        out = Image.new("RGB", (size, size), (WHITE, WHITE, WHITE))
-        out.paste(img.resize((w, h), method), ((size - w) // 2, (size - h) // 2))
+        scale = min(out_w / img.width, out_h / img.height)
+        w = min(out_w, max(1, round(img.width * scale)))
+        h = min(out_h, max(1, round(img.height * scale)))
+        out = Image.new("RGB", (out_w, out_h), (WHITE, WHITE, WHITE))
+        out.paste(img.resize((w, h), method), ((out_w - w) // 2, (out_h - h) // 2))
     return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from ecg_inception.data.transforms import parse_image_size
 from ecg_inception.errors import PretrainedWeightsError
 from ecg_inception.models.backbone import create_backbone, head_names
 from ecg_inception.models.freezing import (
@@ -161,10 +162,11 @@ class EcgClassifier(pl.LightningModule):
         if gradual_unfreeze:
             GradualUnfreeze(**gradual_unfreeze)  # likewise for a malformed schedule
         size = (preprocessing or {}).get("size")
-        if aux_logits and size is not None and int(size) < AUX_MIN_SIZE:
+        if aux_logits and size is not None and min(parse_image_size(size)) < AUX_MIN_SIZE:
             raise ValueError(
-                f"aux_logits=True needs inputs of at least {AUX_MIN_SIZE} px (the aux head's 5x5 conv), but the "
-                f"data is resized to {size} px: set model.aux_logits=false or data.image_size>={AUX_MIN_SIZE}"
+                f"aux_logits=True needs inputs of at least {AUX_MIN_SIZE} px on each side (the aux head's 5x5 "
+                f"conv), but the data is resized to {size} px: set model.aux_logits=false or "
+                f"data.image_size>={AUX_MIN_SIZE}"
             )
         parse_trunk_cache(trunk_cache), parse_views(trunk_cache_views)  # fail fast; train() acts on them
         self.save_hyperparameters()
