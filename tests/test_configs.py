@@ -77,6 +77,19 @@ def test_paper_experiment_is_the_seed_setup() -> None:
     assert OmegaConf.to_container(leak.model) == OmegaConf.to_container(cfg.model)
 
 
+def test_scratch_cpu_is_the_measured_recipe() -> None:
+    """The settings docs/scratch_cpu.md measured; change them only with new measurements."""
+    cfg = _compose(overrides=["experiment=scratch_cpu", "paths.output_dir=x"])
+    assert (cfg.data.protocol, cfg.data.balance, list(cfg.data.image_size)) == ("leakfree", "none", [128, 256])
+    assert cfg.data.ink is True and cfg.data.augment is False and cfg.data.batch_size == 16
+    assert cfg.model.pretrained is False and cfg.model.aux_logits is False and cfg.model.unfreeze.blocks == "all"
+    assert cfg.model.optimizer._target_ == "torch.optim.Adam" and cfg.model.optimizer.lr == 0.001
+    assert cfg.model.scheduler is None and cfg.model.label_smoothing == 0.0 and cfg.model.drop_rate == 0.0
+    assert cfg.trainer.max_epochs == 30 and cfg.callbacks.early_stopping.patience == 30
+    assert (cfg.callbacks.ema.decay, cfg.callbacks.ema.start_epoch) == (0.98, 5)
+    assert cfg.callbacks.model_checkpoint.monitor == "val/acc"
+
+
 @pytest.mark.parametrize("search", SEARCHES)
 def test_every_search_composes(search: str, tmp_path) -> None:
     if search == "optuna":
