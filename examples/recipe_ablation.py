@@ -2,9 +2,9 @@
 
 The library tests a run once, on the checkpoint that validation picked. To study a recipe on a 43-image test split
 that is one noisy draw, so this script trains a plain inception_v3 loop on pre-decoded tensors (the library's
-audit, leak-free split, crop, ink and resize; nothing else of it) and records every epoch. Choose by the validation
-curve; the test curve shows how much one split's test score moves from epoch to epoch (every look at it spends
-that split), and `best val acc -> test` below is the figure a real run reports.
+audit, leak-free split, crop, ink, resize, normalisation, shifts and metrics; no Lightning) and records every
+epoch. Choose by the validation curve; the test curve shows how much one split's test score moves from epoch to
+epoch (every look at it spends that split), and `best val acc -> test` below is the figure a real run reports.
 
 How `conf/experiment/scratch_cpu.yaml` was chosen (docs/scratch_cpu.md), e.g. on the dev subset:
 
@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from ecg_inception.data.audit import audit_folder
 from ecg_inception.data.scan import open_rgb
 from ecg_inception.data.split import make_split
-from ecg_inception.data.transforms import preprocess
+from ecg_inception.data.transforms import Normalize, RandomShift, preprocess, resolve_data_config
+from ecg_inception.models.metrics import report_from_predictions
 
 
 def parse_args() -> argparse.Namespace:
@@ -63,6 +64,10 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
+DATA_CONFIG = resolve_data_config("inception_v3")  # mean, std and interpolation of timm's inception_v3
+NORMALIZE = Normalize(DATA_CONFIG.mean, DATA_CONFIG.std)
+
+
 def load_splits(args: argparse.Namespace) -> tuple[list[str], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Labels and {split: (uint8 images [N, 3, H, W], targets)} of one leak-free split, decoded once."""
     root = Path(args.root)
@@ -73,7 +78,7 @@ def load_splits(args: argparse.Namespace) -> tuple[list[str], dict[str, tuple[to
         images = torch.load(cache)
     else:
         images = {
-            r.path: preprocess(open_rgb(root / r.path), r.box, tuple(args.size), "squash", "bicubic", args.ink)
+            r.path: preprocess(open_rgb(root / r.path), r.box, tuple(args.size), "squash", DATA_CONFIG.interpolation, args.ink)
             for r in manifest.rows
         }
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -87,40 +92,24 @@ def load_splits(args: argparse.Namespace) -> tuple[list[str], dict[str, tuple[to
     return labels, splits
 
 
-def macro_f1_acc(pred: torch.Tensor, target: torch.Tensor, k: int) -> tuple[float, float]:
-    f1 = []
-    for c in range(k):
-        tp = int(((pred == c) & (target == c)).sum())
-        fp, fn = int(((pred == c) & (target != c)).sum()), int(((pred != c) & (target == c)).sum())
-        f1.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(f1)), float((pred == target).float().mean())
-
-
 def normalise(x: torch.Tensor) -> torch.Tensor:
-    """inception_v3's timm normalisation (mean = std = 0.5), channels_last as the library's default."""
-    return ((x.float() / 255 - 0.5) / 0.5).contiguous(memory_format=torch.channels_last)
+    """uint8 batch -> the library's normalisation, channels_last as the library's default."""
+    return NORMALIZE(x).contiguous(memory_format=torch.channels_last)
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, k: int) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, labels: list[str]) -> dict[str, float]:
+    """Macro-F1, accuracy and loss of one split, computed as the library's reports compute them."""
     model.eval()
     logits = torch.cat([model(normalise(x[i : i + 32])) for i in range(0, len(x), 32)])
-    f1, acc = macro_f1_acc(logits.argmax(1), y, k)
-    return {"f1": f1, "acc": acc, "loss": float(F.cross_entropy(logits, y))}
+    loss = float(F.cross_entropy(logits, y))
+    report = report_from_predictions(logits.softmax(1), y, labels, loss)
+    return {"f1": report["f1_macro"], "acc": report["accuracy"], "loss": loss}
 
 
-def shift_batch(x: torch.Tensor, fraction: float, gen: torch.Generator) -> torch.Tensor:
-    """Whole-pixel random moves with white fill, as `transforms.RandomShift`, one draw per image."""
-    h, w = x.shape[-2:]
-    my, mx = int(h * fraction), int(w * fraction)
-    out = torch.full_like(x, 255)
-    for j in range(len(x)):
-        dy = int(torch.randint(-my, my + 1, (), generator=gen))
-        dx = int(torch.randint(-mx, mx + 1, (), generator=gen))
-        out[j, :, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = x[
-            j, :, max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
-        ]
-    return out
+def shift_batch(x: torch.Tensor, shift: RandomShift) -> torch.Tensor:
+    """`transforms.RandomShift` (whole-pixel moves, white fill), one draw per image."""
+    return torch.stack([shift(img) for img in x])
 
 
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -156,13 +145,14 @@ def main() -> None:
     counts = torch.bincount(ytr, minlength=k).float()
     weight = counts.sum() / (k * counts) if args.class_weights else None
     gen = torch.Generator().manual_seed(args.seed)
+    shift = RandomShift(args.shift, generator=gen) if args.shift > 0 else None
     ema, history, step, started = None, [], 0, time.time()
     for epoch in range(args.epochs):
         model.train()
         perm, losses, correct = torch.randperm(len(xtr), generator=gen), [], 0
         for b in range(steps):
             idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
-            x = shift_batch(xtr[idx], args.shift, gen) if args.shift > 0 else xtr[idx]
+            x = shift_batch(xtr[idx], shift) if shift is not None else xtr[idx]
             for group in opt.param_groups:
                 group["lr"] = args.lr * lr_factor(step)
             logits = model(normalise(x))
@@ -171,7 +161,7 @@ def main() -> None:
             loss.backward()
             opt.step()
             step += 1
-            losses.append(float(loss))
+            losses.append(loss.item())
             correct += int((logits.argmax(1) == ytr[idx]).sum())
             if args.ema > 0 and epoch >= args.ema_start:
                 if ema is None:
@@ -179,7 +169,7 @@ def main() -> None:
                 else:
                     ema_update(ema, model, args.ema)
         scored = ema if ema is not None else model
-        val, test = evaluate(scored, xva, yva, k), evaluate(scored, xte, yte, k)
+        val, test = evaluate(scored, xva, yva, labels), evaluate(scored, xte, yte, labels)
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)),
                         "train_acc": correct / (steps * args.batch_size), "val": val, "test": test,
                         "seconds": time.time() - started})  # fmt: skip

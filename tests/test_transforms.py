@@ -230,3 +230,15 @@ def test_shift_moves_whole_pixels_only_with_white_fill() -> None:
     assert moved > 10
     with pytest.raises(ValueError, match="fraction"):
         RandomShift(0.6)
+
+
+def test_shift_with_its_own_generator_repeats_and_leaves_the_global_rng() -> None:
+    img = torch.randint(0, 200, (3, 50, 50), dtype=torch.uint8)
+    runs = []
+    for _ in range(2):
+        shift = RandomShift(0.1, generator=torch.Generator().manual_seed(3))
+        before = torch.get_rng_state()
+        runs.append([shift(img) for _ in range(5)])
+        assert torch.equal(before, torch.get_rng_state())
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+    assert len({tuple(out.flatten()[:200].tolist()) for out in runs[0]}) > 1  # it does move

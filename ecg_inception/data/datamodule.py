@@ -180,9 +180,10 @@ class EcgDataModule(L.LightningDataModule):
     `None` means: root -> a synthetic set generated on first use; balance, balance_stage and crop -> the
     protocol's defaults; augment_kind -> "paper" for the paper protocol, else "ecg"; num_workers ->
     `default_num_workers()`; pin_memory -> CUDA available; persistent_workers -> num_workers > 0;
-    image_size -> the model's pretrained input size (an int: square; [height, width]: any shape); ink -> False (True: grid removed before resizing,
-    see `transforms.ink_image`); cache_dir -> `$ECG_INCEPTION_CACHE` or
-    `~/.cache/ecg_inception` (decoded images under `decoded/`, synthetic sets under `synthetic/`).
+    image_size -> the model's pretrained input size (an int: square; [height, width]: any shape); ink ->
+    False (True: grid removed before resizing, see `transforms.ink_image`); cache_dir ->
+    `$ECG_INCEPTION_CACHE` or `~/.cache/ecg_inception` (decoded images under `decoded/`, synthetic sets under
+    `synthetic/`).
     """
 
     def __init__(

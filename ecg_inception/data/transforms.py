@@ -89,7 +89,9 @@ class DataConfig:
         return self.size[1]
 
 
-def resolve_data_config(model_name: str = "inception_v3", image_size: SizeSpec | None = None) -> DataConfig:
+def resolve_data_config(
+    model_name: str = "inception_v3", image_size: SizeSpec | None = None
+) -> DataConfig:
     """Read a timm model's data config from its pretrained cfg (no weights built); `image_size` overrides size."""
     import timm
     import timm.data
@@ -163,7 +165,7 @@ def preprocess(
             raise ValueError(f"crop box {box} leaves nothing of a {img.width}x{img.height} image")
         img = img.crop((left, top, right, bottom))
     if ink:
-        img = ink_image(img, ink_thickening(img.width, img.height, size, resize))
+        img = ink_image(img, ink_thickening(img.width, img.height, (out_h, out_w), resize))
     method = _PIL_INTERPOLATION[interpolation]
     if resize == "squash":
         out = img.resize((out_w, out_h), method)
@@ -202,20 +204,22 @@ class RandomShift(torch.nn.Module):
     """Move a uint8 [3, H, W] image by a whole number of pixels (up to `fraction` of each side), white fill.
 
     Whole-pixel moves resample nothing: at small input sizes a 1-2 px trace stays as sharp as in evaluation,
-    where a rotation or sub-pixel shift would blur it.
+    where a rotation or sub-pixel shift would blur it. `generator`: the random stream to draw from (None: the
+    global one, as every other augmentation here).
     """
 
-    def __init__(self, fraction: float = 0.04) -> None:
+    def __init__(self, fraction: float = 0.04, generator: torch.Generator | None = None) -> None:
         super().__init__()
         if not 0.0 <= fraction < 0.5:
             raise ValueError(f"shift fraction must lie in [0, 0.5), got {fraction}")
         self.fraction = float(fraction)
+        self.generator = generator
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         h, w = img.shape[-2:]
         my, mx = int(h * self.fraction), int(w * self.fraction)
-        dy = int(torch.randint(-my, my + 1, ()).item()) if my else 0
-        dx = int(torch.randint(-mx, mx + 1, ()).item()) if mx else 0
+        dy = int(torch.randint(-my, my + 1, (), generator=self.generator).item()) if my else 0
+        dx = int(torch.randint(-mx, mx + 1, (), generator=self.generator).item()) if mx else 0
         out = torch.full_like(img, WHITE)
         out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = img[
             ..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)
