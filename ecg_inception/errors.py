@@ -28,3 +28,16 @@ class ManifestError(EcgInceptionError, ValueError):
 
 class PretrainedWeightsError(EcgInceptionError, RuntimeError):
     """Pretrained weights cannot be obtained or do not fit the model."""
+
+
+class CheckpointError(EcgInceptionError, ValueError):
+    """A file is not a valid ecg_inception checkpoint (unreadable, wrong format, unsafe or mismatched content)."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: not a valid ecg_inception checkpoint ({reason})")
+
+
+class ConfigValueError(EcgInceptionError, ValueError):
+    """A configuration value (from a config, a checkpoint or a run folder) is missing, mistyped or not allowed."""
