@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import yaml
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
@@ -23,7 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from ecg_inception.callbacks import BestWeights
 from ecg_inception.data.datamodule import EcgDataModule
+from ecg_inception.data.settings import check_run_data
+from ecg_inception.errors import ConfigValueError
 from ecg_inception.models.backbone import check_pretrained_available
+from ecg_inception.models.checkpoint import load_checkpoint
 from ecg_inception.models.module import EcgClassifier
 from ecg_inception.models.trunk_cache import TrunkCachedDataModule, maybe_use_trunk_cache
 from ecg_inception.report import MetricsHistory, write_report
@@ -108,21 +112,22 @@ def setup_datamodule(
     """Instantiate cfg.data, prepare and set it up; the manifest it used is written to the run dir.
 
     A sweep config may set `shared_split_manifest`: the first job creates that file (under a lock) and every
-    job reuses it, so all grid points see exactly the same split.
+    job reuses it, so all grid points see exactly the same split. `overrides` (values read back from a
+    checkpoint or a run folder, already checked) go to the constructor as they are: Hydra never sees them.
     """
     shared = cfg.get("shared_split_manifest")
     if split_manifest is None and shared:
         shared_path = Path(str(shared))
         with _file_lock(shared_path.with_name(shared_path.name + ".lock")):
             if not shared_path.is_file():
-                dm = instantiate(cfg.data, manifest_out=str(shared_path), **overrides)
+                dm = instantiate(cfg.data, _partial_=True)(manifest_out=str(shared_path), **overrides)
                 dm.prepare_data()
                 dm.setup("fit")
                 shutil.copyfile(shared_path, output_dir / SPLITS_FILE)
                 return dm
         split_manifest = str(shared_path)
-    dm = instantiate(
-        cfg.data, split_manifest=split_manifest, manifest_out=str(output_dir / SPLITS_FILE), **overrides
+    dm = instantiate(cfg.data, _partial_=True)(
+        split_manifest=split_manifest, manifest_out=str(output_dir / SPLITS_FILE), **overrides
     )
     dm.prepare_data()
     dm.setup("fit")
@@ -198,13 +203,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         extra["enable_checkpointing"] = False
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
 
+    if ckpt is not None:
+        load_checkpoint(ckpt)  # a corrupt or unsafe file fails here with a CheckpointError naming it
     if cfg.get("train", True):
-        trainer.fit(model=model, datamodule=loaders, ckpt_path=str(ckpt) if ckpt else None)
+        trainer.fit(model=model, datamodule=loaders, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
     logged = _scalar_metrics(trainer)
     best, eval_ckpt = _best_checkpoint(callbacks)
-    trainer.validate(model=model, datamodule=loaders, ckpt_path=eval_ckpt, verbose=False)
+    trainer.validate(model=model, datamodule=loaders, ckpt_path=eval_ckpt, verbose=False, weights_only=True)
     if cfg.get("test", True):
-        trainer.test(model=model, datamodule=loaders, ckpt_path=eval_ckpt, verbose=False)
+        trainer.test(model=model, datamodule=loaders, ckpt_path=eval_ckpt, verbose=False, weights_only=True)
     logged.update({k: v for k, v in _scalar_metrics(trainer).items() if k.startswith("test/")})
 
     manifest = datamodule.manifest
@@ -228,19 +235,22 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     return metrics, objects
 
 
-RUN_DATA_KEYS = ("root", "protocol", "synthetic_per_class", "seed", "fractions", "balance", "balance_stage")
-
-
 def _run_data_settings(cfg: DictConfig, ckpt: Path) -> dict[str, Any]:
     """Data settings of the run a checkpoint came from (its config.yaml), so eval sees the same data.
 
-    A non-null `data.root` given to eval wins; the protocol, seed and balancing always follow the run.
+    A non-null `data.root` given to eval wins; the protocol, seed and balancing always follow the run. The
+    file is read as plain YAML (no interpolation) and only its `RUN_DATA_KEYS` are used, each checked
+    against `data.settings.RUN_DATA_SCHEMA`: a run folder is data, never a config to instantiate.
     """
     run_config = ckpt.parent.parent / "config.yaml"
     if not run_config.is_file():
         return {}
-    run_data = OmegaConf.load(run_config).get("data", {})
-    settings = {k: run_data[k] for k in RUN_DATA_KEYS if k in run_data}
+    try:
+        loaded = yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigValueError(f"{run_config}: not a readable YAML run config ({exc})") from None
+    run_data = loaded.get("data", {}) if isinstance(loaded, dict) else None
+    settings = check_run_data(run_data, f"{run_config}: data")
     if cfg.data.get("root") is not None:
         settings.pop("root", None)
     return settings
@@ -253,10 +263,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     pl.seed_everything(int(cfg.seed), workers=True)
     ckpt = resolve_ckpt_path(str(cfg.ckpt_path), output_dir, Path(str(cfg.paths.log_dir)), "train")
     assert ckpt is not None
-    model = EcgClassifier.load_from_checkpoint(
-        ckpt, map_location="cpu", pretrained=False, pretrained_file=None
-    )
-    prep = dict(model.hparams.get("preprocessing") or {})
+    model = EcgClassifier.from_checkpoint(ckpt)
+    prep = dict(model.hparams.get("preprocessing") or {})  # checked by load_checkpoint: plain, allowed values
     overrides: dict[str, Any] = _run_data_settings(cfg, ckpt)
     for key_ckpt, key_data in (
         ("model_name", "model_name"),

@@ -36,6 +36,7 @@ _PIL_INTERPOLATION = {
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }
+INTERPOLATIONS = tuple(_PIL_INTERPOLATION)  # the names `preprocess` accepts
 
 
 MIN_IMAGE_SIZE = 8  # smallest model input side resolve_data_config accepts

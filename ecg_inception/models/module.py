@@ -1,17 +1,19 @@
 """EcgClassifier: a timm backbone with aux loss, partial freezing and metrics, built from plain values only.
 
 Every constructor argument is a plain value (Hydra `_partial_` optimizer/scheduler callables are replaced by a
-plain description before `save_hyperparameters`), so checkpoints load with torch's `weights_only=True` and
-`load_from_checkpoint(path, pretrained=False, pretrained_file=None)` works offline.
+plain description before `save_hyperparameters`), so checkpoints load with torch's `weights_only=True`.
+`from_checkpoint(path)` (and `load_from_checkpoint`, routed through it) reads them with `models.checkpoint`'s
+checked loader and works offline. Optimizer and scheduler names resolve through an allow-list of torch classes
+only; a dotted path from a config or a checkpoint is never imported (`register_optimizer` is the opt-in).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
+import inspect
 import logging
 import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,9 +23,11 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from ecg_inception.data.settings import check_preprocessing
 from ecg_inception.data.transforms import parse_image_size
-from ecg_inception.errors import PretrainedWeightsError
+from ecg_inception.errors import CheckpointError, ConfigValueError, EcgInceptionError, PretrainedWeightsError
 from ecg_inception.models.backbone import create_backbone, head_names
+from ecg_inception.models.checkpoint import load_checkpoint
 from ecg_inception.models.freezing import (
     GradualUnfreeze,
     apply_unfreeze,
@@ -32,81 +36,24 @@ from ecg_inception.models.freezing import (
     warn_frozen_random,
 )
 from ecg_inception.models.metrics import build_metrics, compute_report
+from ecg_inception.models.optim import (  # noqa: F401 - re-exported: the names users know from this module
+    ALLOWED_OPTIMIZERS,
+    ALLOWED_SCHEDULERS,
+    DEFAULT_OPTIMIZER,
+    OPTIMIZERS,
+    SCHEDULERS,
+    describe_callable,
+    register_optimizer,
+    register_scheduler,
+    split_spec,
+    to_plain,
+)
 from ecg_inception.models.trunk import TrunkFeatures, TrunkSplit, parse_trunk_cache, parse_views
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
-    "adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD, "rmsprop": torch.optim.RMSprop,
-}
-SCHEDULERS: dict[str, Callable[..., Any]] = {
-    "step": torch.optim.lr_scheduler.StepLR, "multistep": torch.optim.lr_scheduler.MultiStepLR,
-    "cosine": torch.optim.lr_scheduler.CosineAnnealingLR, "exponential": torch.optim.lr_scheduler.ExponentialLR,
-    "plateau": torch.optim.lr_scheduler.ReduceLROnPlateau, "onecycle": torch.optim.lr_scheduler.OneCycleLR,
-}
-DEFAULT_OPTIMIZER: dict[str, Any] = {"name": "adam", "lr": 1e-3}
 AUX_MIN_SIZE = 299  # timm's inception_v3 aux head fails on smaller inputs
 _LIGHTNING_KEYS = ("interval", "frequency", "monitor")
-_PLAIN = (bool, int, float, str, type(None))
-
-
-def to_plain(value: Any) -> Any:
-    """OmegaConf containers, tuples, tensors and arrays -> dicts, lists and Python scalars (recursively)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            value = OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # omegaconf is a dependency, but plain use must not need it
-        pass
-    if hasattr(value, "tolist") and not isinstance(value, _PLAIN):
-        value = value.tolist()
-    if isinstance(value, Mapping):
-        return {k: to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_plain(v) for v in value]
-    return value
-
-
-def _is_plain(value: Any) -> bool:
-    if isinstance(value, Mapping):
-        return all(isinstance(k, (str, int)) and _is_plain(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
-    return isinstance(value, _PLAIN)
-
-
-def describe_callable(factory: Callable[..., Any]) -> dict[str, Any]:
-    """A plain, re-buildable description of a factory (e.g. a Hydra `_partial_` object): name + keywords."""
-    func, keywords, args = factory, {}, ()
-    if isinstance(factory, functools.partial):
-        func, keywords, args = factory.func, dict(factory.keywords), factory.args
-    name = f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', repr(func))}".lstrip(".")
-    keywords = to_plain(keywords)
-    if args or not _is_plain(keywords):
-        return {"name": name, "repr": repr(factory), "rebuildable": False}
-    return {"name": name, **keywords}
-
-
-def _resolve(name: str, table: Mapping[str, Callable[..., Any]], what: str) -> Callable[..., Any]:
-    if name.lower() in table:
-        return table[name.lower()]
-    module, _, attr = name.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ValueError(f"unknown {what} {name!r}: use one of {sorted(table)} or a dotted import path") from exc
-
-
-def _split_spec(spec: Mapping[str, Any], what: str) -> tuple[Callable[..., Any], dict[str, Any]]:
-    spec = dict(spec)
-    spec.pop("_partial_", None)
-    name = spec.pop("name", None) or spec.pop("_target_", None)
-    if not name:
-        raise ValueError(f"{what} spec {spec!r} needs a 'name' (e.g. 'adam') or '_target_'")
-    if spec.pop("rebuildable", True) is False:
-        raise ValueError(f"{what} {spec.get('repr', name)} was stored as a description only; pass it again")
-    return _resolve(str(name), OPTIMIZERS if what == "optimizer" else SCHEDULERS, what), spec
 
 
 class EcgClassifier(pl.LightningModule):
@@ -143,6 +90,8 @@ class EcgClassifier(pl.LightningModule):
         super().__init__()
         labels, unfreeze, gradual_unfreeze = to_plain(labels), to_plain(unfreeze), to_plain(gradual_unfreeze)
         class_weights, preprocessing = to_plain(class_weights), to_plain(preprocessing)
+        if preprocessing is not None:
+            preprocessing = check_preprocessing(preprocessing)
         self._optimizer_factory = optimizer if callable(optimizer) else None
         self._scheduler_factory = scheduler if callable(scheduler) else None
         optimizer = describe_callable(optimizer) if callable(optimizer) else to_plain(optimizer)
@@ -158,7 +107,7 @@ class EcgClassifier(pl.LightningModule):
         for spec, factory, what in ((optimizer, self._optimizer_factory, "optimizer"),
                                     (scheduler, self._scheduler_factory, "scheduler")):
             if spec and factory is None:
-                _split_spec(spec, what)  # unknown names fail now, not after the first epoch
+                split_spec(spec, what)  # unknown names fail now, not after the first epoch
         if gradual_unfreeze:
             GradualUnfreeze(**gradual_unfreeze)  # likewise for a malformed schedule
         size = (preprocessing or {}).get("size")
@@ -192,10 +141,85 @@ class EcgClassifier(pl.LightningModule):
         self.trunk_split: TrunkSplit | None = None
 
     @classmethod
-    def from_checkpoint(cls, path: str, map_location: Any = "cpu", **overrides: Any) -> EcgClassifier:
-        """load_from_checkpoint without any weight download (pretrained=False, pretrained_file=None)."""
-        overrides = {"pretrained": False, "pretrained_file": None, **overrides}
-        return cls.load_from_checkpoint(path, map_location=map_location, **overrides)
+    def from_checkpoint(
+        cls, path: str | Path, map_location: Any = "cpu", strict: bool = True, **overrides: Any
+    ) -> EcgClassifier:
+        """Build the model a checkpoint describes and load its weights; never runs code from the file.
+
+        The file is read by `models.checkpoint.load_checkpoint` (weights_only, checked hyper-parameters); no
+        weights are downloaded (pretrained=False, pretrained_file=None unless overridden). This is the one
+        entry point eval, the predictor and user code share.
+
+        Args:
+            path: the `.ckpt` file.
+            map_location: where the tensors go (torch.load's map_location; default the CPU).
+            strict: require the state dict to match the model exactly.
+            **overrides: constructor arguments that replace the stored ones.
+
+        Returns:
+            The model, with the checkpoint's weights, on the device of its tensors.
+
+        Raises:
+            CheckpointError: the file is not a valid ecg_inception checkpoint (corrupt, unsafe values, names
+                outside the allow-lists, weights that do not fit the model it describes).
+            PretrainedWeightsError: `num_classes` was overridden to another class count than the weights have.
+        """
+        checkpoint = load_checkpoint(path, map_location)
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        hparams = checkpoint["hyper_parameters"]
+        ignored = sorted(set(hparams) - accepted)
+        if ignored:
+            log.warning("%s: ignoring hyper-parameters this version does not know: %s", path, ignored)
+        kwargs = {k: v for k, v in hparams.items() if k in accepted}
+        kwargs.update({"pretrained": False, "pretrained_file": None, **overrides})
+        try:
+            model = cls(**kwargs)
+            model.on_load_checkpoint(checkpoint)
+            model.load_state_dict(checkpoint["state_dict"], strict=strict)
+        except EcgInceptionError as exc:
+            if isinstance(exc, (ConfigValueError, CheckpointError)):
+                raise CheckpointError(path, str(exc)) from None
+            raise
+        except (ValueError, TypeError, RuntimeError) as exc:
+            line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(path, line) from None
+        tensor = next(iter(checkpoint["state_dict"].values()))
+        return model.to(tensor.device)
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = None,
+        hparams_file: str | Path | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> EcgClassifier:
+        """Lightning's entry point, routed through `from_checkpoint` (safe load, checked values, no download).
+
+        Args:
+            checkpoint_path: the `.ckpt` file.
+            map_location: where the tensors go (default the CPU).
+            hparams_file: not supported (the checkpoint's own hyper-parameters are used); must be None.
+            strict: require the state dict to match the model exactly (default True).
+            weights_only: must be None or True: checkpoints are always read as data.
+            **kwargs: constructor arguments that replace the stored ones.
+
+        Returns:
+            The model with the checkpoint's weights.
+
+        Raises:
+            CheckpointError: see `from_checkpoint`.
+            ValueError: `hparams_file` or `weights_only=False` was given.
+        """
+        if hparams_file is not None:
+            raise ValueError("EcgClassifier.load_from_checkpoint: hparams_file is not supported; pass overrides")
+        if weights_only is False:
+            raise ValueError("EcgClassifier checkpoints are plain data; weights_only=False is never needed")
+        return cls.from_checkpoint(
+            checkpoint_path, map_location=map_location or "cpu", strict=True if strict is None else strict, **kwargs
+        )
 
     # ----------------------------------------------------------------------------------------------- modes
     def train(self, mode: bool = True) -> EcgClassifier:
@@ -310,7 +334,7 @@ class EcgClassifier(pl.LightningModule):
         if self._optimizer_factory is not None:
             optimizer = self._optimizer_factory(params)
         else:
-            factory, kwargs = _split_spec(self.hparams.optimizer or DEFAULT_OPTIMIZER, "optimizer")
+            factory, kwargs = split_spec(self.hparams.optimizer or DEFAULT_OPTIMIZER, "optimizer")
             optimizer = factory(params, **kwargs)
         spec = self.hparams.scheduler
         if self._scheduler_factory is None and not spec:
@@ -319,7 +343,7 @@ class EcgClassifier(pl.LightningModule):
         if self._scheduler_factory is not None:
             scheduler = self._scheduler_factory(optimizer)
         else:
-            factory, kwargs = _split_spec(spec, "scheduler")
+            factory, kwargs = split_spec(spec, "scheduler")
             config.update({k: kwargs.pop(k) for k in _LIGHTNING_KEYS if k in kwargs})
             if factory is torch.optim.lr_scheduler.OneCycleLR:
                 config["interval"] = "step" if "interval" not in spec else config["interval"]

@@ -1,0 +1,207 @@
+"""Checkpoints and run folders are data: crafted files fail closed (no side effect), corrupt files fail clearly."""
+
+from __future__ import annotations
+
+import fractions
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ecg_inception.errors import CheckpointError, ConfigValueError
+from ecg_inception.models.checkpoint import load_checkpoint
+from ecg_inception.models.module import EcgClassifier, register_optimizer
+from ecg_inception.training import evaluate, train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import compose_cfg, tiny_overrides  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory, one_thread) -> Path:
+    """A genuine one-epoch run folder: config.yaml, splits.csv, checkpoints/last.ckpt."""
+    tmp = tmp_path_factory.mktemp("ckptrun")
+    cfg = compose_cfg("train", tiny_overrides(synthetic_root, tmp) + ["trainer.max_epochs=1"])
+    train(cfg)
+    return Path(cfg.paths.output_dir)
+
+
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    """A copy of the run folder (config.yaml, splits.csv, last.ckpt) the test may tamper with."""
+    (dest / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "splits.csv"):
+        shutil.copy(run_dir / name, dest / name)
+    shutil.copy(run_dir / "checkpoints" / "last.ckpt", dest / "checkpoints" / "last.ckpt")
+    return dest / "checkpoints" / "last.ckpt"
+
+
+def tamper(ckpt: Path, **hparams) -> None:
+    """Rewrite `ckpt` with some hyper-parameters replaced (the file still loads under weights_only=True)."""
+    data = torch.load(ckpt, map_location="cpu", weights_only=True)
+    data["hyper_parameters"].update(hparams)
+    torch.save(data, ckpt)
+
+
+def eval_cfg(ckpt: Path, tmp: Path):
+    return compose_cfg(
+        "eval",
+        [f"ckpt_path={ckpt}", f"paths.output_dir={tmp / 'eval'}", f"paths.cache_dir={tmp / 'cache'}",
+         "data.num_workers=0", "+trainer.enable_progress_bar=false", "plots=false"],
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ crafted files (security)
+def test_checkpoint_preprocessing_target_is_never_instantiated(run_dir: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    ckpt = copy_run(run_dir, tmp_path / "run")
+    prep = torch.load(ckpt, weights_only=True)["hyper_parameters"]["preprocessing"]
+    prep["resize"] = {"_target_": "builtins.open", "file": str(victim), "mode": "w"}
+    tamper(ckpt, preprocessing=prep)
+    with pytest.raises(CheckpointError, match=r"last\.ckpt.*resize"):
+        evaluate(eval_cfg(ckpt, tmp_path))
+    assert not victim.exists()
+
+
+def test_run_config_target_is_never_instantiated(run_dir: Path, tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    ckpt = copy_run(run_dir, tmp_path / "run")
+    config = tmp_path / "run" / "config.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["data"]["balance_stage"] = {"_target_": "builtins.open", "file": str(victim), "mode": "w"}
+    config.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigValueError, match=r"config\.yaml.*balance_stage"):
+        evaluate(eval_cfg(ckpt, tmp_path))
+    assert not victim.exists()
+
+
+def test_run_config_interpolation_is_not_resolved(run_dir: Path, tmp_path: Path) -> None:
+    ckpt = copy_run(run_dir, tmp_path / "run")
+    config = tmp_path / "run" / "config.yaml"
+    data = yaml.safe_load(config.read_text())
+    data["data"]["root"] = "${oc.env:HOME}"
+    config.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigValueError, match=r"config\.yaml.*root"):
+        evaluate(eval_cfg(ckpt, tmp_path))
+
+
+CHECK_NO_IMPORT = """
+import sys
+from ecg_inception.errors import CheckpointError
+from ecg_inception.models.module import EcgClassifier
+try:
+    EcgClassifier.{call}(sys.argv[1])
+except CheckpointError as err:
+    print("refused:", err)
+print("imported:", "this" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("call", ["from_checkpoint", "load_from_checkpoint"])
+@pytest.mark.parametrize("what", ["optimizer", "scheduler"])
+def test_dotted_name_in_checkpoint_is_never_imported(run_dir: Path, tmp_path: Path, call: str, what: str) -> None:
+    ckpt = copy_run(run_dir, tmp_path / "run")
+    tamper(ckpt, **{what: {"name": "this.s"}})
+    # A fresh interpreter: `import this` prints the Zen of Python once per process.
+    out = subprocess.run([sys.executable, "-c", CHECK_NO_IMPORT.format(call=call), str(ckpt)],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "refused:" in out and f"{what} 'this.s'" in out, out
+    assert "imported: False" in out and "Zen of Python" not in out, out
+
+
+def test_optimizer_names_resolve_through_the_allow_list_only() -> None:
+    kw = dict(pretrained=False, aux_logits=False, num_classes=2)
+    for name in ("adam", "torch.optim.SGD", "torch.optim.adamw.AdamW"):
+        EcgClassifier(optimizer={"name": name, "lr": 0.1}, **kw)
+    EcgClassifier(scheduler={"name": "torch.optim.lr_scheduler.StepLR", "step_size": 1}, **kw)
+    for name in ("os.system", "builtins.open", "torch.load"):
+        with pytest.raises(ConfigValueError, match="never imported"):
+            EcgClassifier(optimizer={"name": name}, **kw)
+
+
+def test_registered_optimizer_is_the_explicit_opt_in() -> None:
+    class MySGD(torch.optim.SGD):
+        pass
+
+    kw = dict(pretrained=False, aux_logits=False, num_classes=2)
+    name = f"{MySGD.__module__}.{MySGD.__qualname__}"
+    with pytest.raises(ConfigValueError, match="register_optimizer"):
+        EcgClassifier(optimizer={"name": name, "lr": 0.1}, **kw)
+    register_optimizer(MySGD)
+    model = EcgClassifier(optimizer={"name": name, "lr": 0.1}, **kw)
+    assert isinstance(model.configure_optimizers(), MySGD)
+
+
+def test_unsafe_compile_options_in_checkpoint_are_refused(run_dir: Path, tmp_path: Path) -> None:
+    ckpt = copy_run(run_dir, tmp_path / "run")
+    tamper(ckpt, compile={"options": {"cpp.cxx": ["/bin/sh"]}})
+    with pytest.raises(CheckpointError, match="compile"):
+        EcgClassifier.from_checkpoint(ckpt)
+
+
+def test_genuine_checkpoint_loads_and_predicts_like_training(run_dir: Path) -> None:
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    data = load_checkpoint(ckpt)
+    assert data["hyper_parameters"]["preprocessing"]["size"] == 75
+    model = EcgClassifier.from_checkpoint(ckpt)
+    raw = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, raw[k]) for k, v in model.state_dict().items())
+    again = EcgClassifier.load_from_checkpoint(ckpt)
+    assert again.hparams.preprocessing == model.hparams.preprocessing
+
+
+# ------------------------------------------------------------------------------------- corrupt files
+def _write_corrupt(kind: str, path: Path) -> None:
+    if kind == "random":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "text":
+        path.write_text("hello world\n")
+    elif kind == "other_zip":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("hello.txt", "hi")
+    elif kind == "plain_pickle":
+        path.write_bytes(pickle.dumps({"x": fractions.Fraction(1, 3)}))
+    elif kind == "unsafe_torch":
+        torch.save({"x": fractions.Fraction(1, 3)}, path)
+    elif kind == "other_torch":
+        torch.save({"a": 1}, path)
+    elif kind == "bare_state_dict":
+        torch.save(torch.nn.Linear(2, 2).state_dict(), path)
+
+
+CORRUPT = ["random", "empty", "text", "other_zip", "plain_pickle", "unsafe_torch", "other_torch", "bare_state_dict"]
+
+
+@pytest.mark.parametrize("kind", CORRUPT)
+def test_corrupt_checkpoint_gives_one_clear_error(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / f"{kind}.ckpt"
+    _write_corrupt(kind, path)
+    for load in (load_checkpoint, EcgClassifier.from_checkpoint, EcgClassifier.load_from_checkpoint):
+        with pytest.raises(CheckpointError) as info:
+            load(path)
+        message = str(info.value)
+        assert message.startswith(f"{path}: not a valid ecg_inception checkpoint ("), message
+        assert "weights_only" not in message and "arbitrary code" not in message, message
+
+
+def test_corrupt_checkpoint_in_eval_and_resume(run_dir: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    ckpt = copy_run(run_dir, tmp_path / "run")
+    torch.save({**torch.load(ckpt, weights_only=True), "x": fractions.Fraction(1, 3)}, ckpt)
+    with pytest.raises(CheckpointError, match="fractions.Fraction"):
+        evaluate(eval_cfg(ckpt, tmp_path))
+    overrides = tiny_overrides(synthetic_root, tmp_path, out="resumed") + [f"ckpt_path={ckpt}"]
+    with pytest.raises(CheckpointError, match="fractions.Fraction"):
+        train(compose_cfg("train", overrides))
+
+
+def test_missing_checkpoint_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_checkpoint(tmp_path / "nope.ckpt")
