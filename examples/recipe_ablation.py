@@ -75,7 +75,7 @@ def load_splits(args: argparse.Namespace) -> tuple[list[str], dict[str, tuple[to
     key = hashlib.sha256(json.dumps([str(root.resolve()), args.split_seed, args.size, args.ink]).encode())
     cache = Path(args.cache or tempfile.mkdtemp(prefix="ecg_ablation_")) / f"{key.hexdigest()[:16]}.pt"
     if cache.is_file():
-        images = torch.load(cache)
+        images = torch.load(cache, weights_only=True)  # a dict of uint8 tensors: plain data
     else:
         images = {
             r.path: preprocess(open_rgb(root / r.path), r.box, tuple(args.size), "squash", DATA_CONFIG.interpolation, args.ink)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -35,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the audit, print the per-class table and totals, write the JSON; returns the exit code."""
-    from ecg_inception.data.audit import audit_folder, format_table
+    from ecg_inception.data.audit import audit_folder, format_table, write_json_atomic
     from ecg_inception.errors import DatasetError
 
     args = build_parser().parse_args(argv)
@@ -77,10 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         out = Path(args.json)
         try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(
-                json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-            )
+            write_json_atomic(out, report.to_json())
         except OSError as err:
             print(f"ecg-inception-audit: error: cannot write {out}: {err.strerror or err}", file=sys.stderr)
             return 2

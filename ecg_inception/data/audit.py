@@ -7,9 +7,11 @@ decoded image. Decoding runs in a process pool when there are enough images to p
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import sys
+import tempfile
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -209,6 +211,37 @@ class AuditReport:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DatasetError(f"not an audit report: {type(exc).__name__}: {exc}") from exc
+
+
+def write_json_atomic(path: str | Path, data: Any) -> Path:
+    """Write `data` as indented UTF-8 JSON, all or nothing: a temp file beside `path`, then os.replace.
+
+    Text that is not valid UTF-8 (a surrogate-escaped file name, as os.listdir returns it) is written as a
+    JSON ``\\udcXX`` escape, which `json.loads` turns back into exactly the same string.
+
+    Args:
+        path: the JSON file; its folder is created if missing.
+        data: anything `json.dumps` accepts.
+
+    Returns:
+        `path`.
+
+    Raises:
+        TypeError: `data` is not JSON-serialisable (nothing is written, an existing file stays as it was).
+        OSError: the folder or the file cannot be written (likewise).
+    """
+    path = Path(path)
+    payload = (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def inspect_image(path: str, with_hash: bool = True) -> tuple[bool, Any]:

@@ -5,7 +5,9 @@ class (its label from `labels.label_for_folder`); images in its subfolders belon
 directly in the root, non-image files (decided by extension) and hidden files are *ignored*; hidden
 directories are skipped and listed as ignored with a trailing ``/``. An image candidate that cannot
 be decoded is *unreadable*, with the reason. Symbolic links are followed (cycles are cut) and listed
-in `ScanResult.symlinks`.
+in `ScanResult.symlinks`. A name that is not valid UTF-8 (bytes such as ``caf\\xe9.jpg`` on a Latin-1
+file system) cannot be written to a manifest or a report: such a file is *unreadable*, listed under
+`printable_name` (undecodable bytes shown as ``\\xNN``), and a class folder with such a name is an error.
 """
 
 from __future__ import annotations
@@ -30,6 +32,24 @@ from ecg_inception.errors import DatasetError, UnreadableImageError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 
 _TRUNCATION_LOCK = threading.Lock()
+BAD_NAME = "file name is not valid UTF-8 (rename the file to use it)"
+
+
+def printable_name(name: str) -> str:
+    """`name` as text any writer accepts: bytes that are not UTF-8 (surrogate escapes) shown as ``\\xNN``."""
+    try:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file system produced
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def is_utf8_name(name: str) -> bool:
+    """True when `name` (as os.listdir returns it) is valid UTF-8, so it can be written out as it is."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -73,6 +93,7 @@ class FolderListing:
     candidates: list[tuple[str, str, Path]]  # (rel_path, label, absolute path), sorted by rel_path
     ignored: list[str] = field(default_factory=list)
     symlinks: list[str] = field(default_factory=list)
+    bad_names: dict[str, str] = field(default_factory=dict)  # printable rel path -> reason (name not UTF-8)
 
 
 def is_image_candidate(name: str) -> bool:
@@ -90,13 +111,15 @@ def list_folder(root: str | Path) -> FolderListing:
     listing = FolderListing(root=root, folders={}, candidates=[])
     ancestors = frozenset({os.path.realpath(root)})
     for entry in _sorted_entries(root):
-        rel = entry.name
+        rel = printable_name(entry.name)
         if entry.is_symlink():
             listing.symlinks.append(rel)
         if _is_dir(entry):
             if entry.name.startswith("."):
                 listing.ignored.append(rel + "/")
                 continue
+            if not is_utf8_name(entry.name):
+                raise DatasetError(f'{root}: class folder "{rel}": the folder name is not valid UTF-8; rename it')
             label = label_for_folder(entry.name)
             if label in listing.folders:
                 raise DatasetError(
@@ -137,9 +160,17 @@ def _walk_class(path: Path, rel: str, label: str, listing: FolderListing, ancest
         return
     ancestors = ancestors | {real}
     for entry in _sorted_entries(path):
-        child = f"{rel}/{entry.name}"
+        child = f"{rel}/{printable_name(entry.name)}"
         if entry.is_symlink():
             listing.symlinks.append(child)
+        if not is_utf8_name(entry.name) and not entry.name.startswith("."):
+            if _is_dir(entry):
+                listing.bad_names[child + "/"] = "folder name is not valid UTF-8 (its files are left out)"
+            elif is_image_candidate(entry.name):
+                listing.bad_names[child] = BAD_NAME
+            else:
+                listing.ignored.append(child)
+            continue
         if _is_dir(entry):
             if entry.name.startswith("."):
                 listing.ignored.append(child + "/")
@@ -264,7 +295,7 @@ def build_scan_result(
         labels=order_labels(present),
         folders=dict(listing.folders),
         images=images,
-        unreadable=dict(sorted(unreadable.items())),
+        unreadable=dict(sorted({**unreadable, **listing.bad_names}.items())),
         ignored=list(listing.ignored),
         symlinks=list(listing.symlinks),
     )
