@@ -348,3 +348,56 @@ def test_views_with_augmentation_and_rng_untouched(
         views = wrapper.entry("train").features
         assert not np.array_equal(np.array(views[0]), np.array(views[1]))
     assert len(cached) == len(plain) and cached.drop_last == plain.drop_last
+
+
+def _corrupt_keeping_stamp(file: Path) -> None:
+    """Flip one byte in place (same inode and size) and restore the mtime: a `stat` check cannot see it."""
+    st = file.stat()
+    with open(file, "r+b") as fh:
+        fh.seek(st.st_size - 1000)
+        byte = fh.read(1)
+        fh.seek(st.st_size - 1000)
+        fh.write(bytes([byte[0] ^ 0x10]))
+    os.utime(file, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert file.stat().st_mtime_ns == st.st_mtime_ns and file.stat().st_ino == st.st_ino
+
+
+LOAD_JOB = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from ecg_inception.models.trunk_cache import TrunkCacheStore
+    store, entry, key = sys.argv[1:4]
+    print("hit" if TrunkCacheStore(store).load(Path(entry), key) is not None else "miss")
+""")
+
+
+def test_stamp_restored_corruption_is_caught_by_a_new_process_and_by_full(
+    dm: EcgDataModule, net: torch.nn.Module, tmp_path: Path
+) -> None:
+    split = TrunkSplit(frozen(net, blocks=0), HEAD)
+    path = TrunkCachedDataModule(dm, split, root=tmp_path).entry("val").path
+    key = json.loads((path / "meta.json").read_text())["key"]
+    _corrupt_keeping_stamp(path / "features.npy")
+    # Another job (a new process) verifies every entry fully once: the restored stamp does not fool it.
+    out = subprocess.run([sys.executable, "-c", LOAD_JOB, str(tmp_path), str(path), key],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert out.stdout.strip() == "miss", out.stdout + out.stderr
+    # verify=full checks the CRC32 on every load, also in the process that verified the entry before.
+    assert trunk_cache.TrunkCacheStore(tmp_path, verify="full").load(path, key) is None
+    assert trunk_cache.TrunkCacheStore(tmp_path, verify="stat").load(path, key) is not None  # documented limit
+    with pytest.raises(ValueError, match="trunk_cache_verify"):
+        trunk_cache.TrunkCacheStore(tmp_path, verify="sometimes")
+
+
+def test_trunk_cache_verify_reaches_the_store_from_the_config(dm: EcgDataModule) -> None:
+    model = EcgClassifier(pretrained=False, aux_logits=False, unfreeze={"blocks": 0}, trunk_cache="on",
+                          trunk_cache_verify="full")  # fmt: skip
+    assert model.hparams.trunk_cache_verify == "full"
+    wrapped = maybe_use_trunk_cache({"model": {"trunk_cache": "on", "trunk_cache_verify": "full"}}, model, dm)
+    assert isinstance(wrapped, TrunkCachedDataModule) and wrapped.store.verify == "full"
+    # Without the config key the model's hyper-parameter decides (e.g. a checkpoint's); the default is stat.
+    assert maybe_use_trunk_cache({"model": {"trunk_cache": "on"}}, model, dm).store.verify == "full"
+    default = EcgClassifier(pretrained=False, aux_logits=False, unfreeze={"blocks": 0}, trunk_cache="on")
+    assert maybe_use_trunk_cache({"model": {"trunk_cache": "on"}}, default, dm).store.verify == "stat"
+    with pytest.raises(ValueError, match="trunk_cache_verify"):
+        EcgClassifier(pretrained=False, aux_logits=False, trunk_cache_verify="never")

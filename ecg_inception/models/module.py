@@ -48,7 +48,7 @@ from ecg_inception.models.optim import (  # noqa: F401 - re-exported: the names 
     split_spec,
     to_plain,
 )
-from ecg_inception.models.trunk import TrunkFeatures, TrunkSplit, parse_trunk_cache, parse_views
+from ecg_inception.models.trunk import TrunkFeatures, TrunkSplit, parse_trunk_cache, parse_verify, parse_views
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ class EcgClassifier(pl.LightningModule):
         compile: bool | dict[str, Any] = False,
         trunk_cache: bool | str | None = "auto",
         trunk_cache_views: int | None = None,
+        trunk_cache_verify: str = "stat",
     ) -> None:
         super().__init__()
         labels, unfreeze, gradual_unfreeze = to_plain(labels), to_plain(unfreeze), to_plain(gradual_unfreeze)
@@ -118,6 +119,7 @@ class EcgClassifier(pl.LightningModule):
                 f"data.image_size>={AUX_MIN_SIZE}"
             )
         parse_trunk_cache(trunk_cache), parse_views(trunk_cache_views)  # fail fast; train() acts on them
+        parse_verify(trunk_cache_verify)
         self.save_hyperparameters()
 
         self.backbone = create_backbone(model_name, num_classes, aux_logits, drop_rate, pretrained, pretrained_file)

@@ -264,6 +264,19 @@ def parse_trunk_cache(value: bool | str | None) -> str:
     return mode
 
 
+TRUNK_CACHE_VERIFY = ("stat", "full")
+
+
+def parse_verify(value: str | None) -> str:
+    """`model.trunk_cache_verify` -> "stat" (null too) | "full"; see `trunk_cache.TrunkCacheStore`."""
+    if value is None:
+        return "stat"
+    mode = value.strip().lower() if isinstance(value, str) else None
+    if mode not in TRUNK_CACHE_VERIFY:
+        raise ValueError(f"model.trunk_cache_verify must be stat or full, got {value!r}")
+    return mode
+
+
 def parse_views(value: int | str | None) -> int | None:
     """`model.trunk_cache_views` -> None (not set) or an integer >= 1."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ecg_inception.data.cache import file_sha256
 from ecg_inception.errors import ManifestError
-from ecg_inception.models.trunk import TrunkFeatures, TrunkSplit, plan_trunk_cache
+from ecg_inception.models.trunk import TrunkFeatures, TrunkSplit, parse_verify, plan_trunk_cache
 from ecg_inception.models.trunk_views import DelegatingDataModule, ViewDataset, mirror_loader, preserved_rng
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,12 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when the entry layout or the meaning of a key field changes
 ARRAYS = ("features", "aux_input", "labels")
 #: Keys of the model config that configure the trunk cache (EcgClassifier validates them, train() acts on them).
-TRUNK_CACHE_KEYS = ("trunk_cache", "trunk_cache_views")
+TRUNK_CACHE_KEYS = ("trunk_cache", "trunk_cache_views", "trunk_cache_verify")
 _META = "meta.json"
 _CHUNK = 1 << 22
+#: (process id, entry folder) -> the (inode, size, mtime) stamps of its arrays when this process last checked
+#: their CRC32 (or built them). Per process: every job verifies each entry it uses fully once.
+_VERIFIED: dict[tuple[int, str], tuple[tuple[int, int, int], ...]] = {}
 
 
 def _stable_hash(value: Any) -> str:
@@ -105,15 +108,22 @@ def _crc32(path: Path) -> int:
 class TrunkCacheStore:
     """Entries under `root` (e.g. `<paths.cache_dir>/trunk`), named `<name>-<key prefix>`.
 
-    Validation checks sizes, shapes and dtypes; the CRC32 of an array is recomputed whenever its (inode, size,
-    mtime) differs from what the build recorded (any rewrite, truncation or copy), or always with `full_check`.
-    A job that finds its entries untouched since they were built thus pays a few `stat` calls, not a full read.
+    Validation checks sizes, shapes and dtypes, and the CRC32 of every array. `verify` says how often:
+    `stat` (the default): in full the first time a process uses an entry (building it counts), then again only
+    when an array's (inode, size, mtime) differs from the stamp this process verified (any rewrite, truncation,
+    copy or touch); `full`: on every load. What `stat` cannot catch is a change made while the process runs
+    that keeps inode, size and mtime (an in-place write with the mtime put back, silent media corruption);
+    docs/performance.md has the details.
     """
 
-    def __init__(self, root: str | Path, full_check: bool = False) -> None:
+    def __init__(self, root: str | Path, full_check: bool = False, verify: str | None = None) -> None:
         self.root = Path(root).expanduser()
-        self.full_check = bool(full_check)
-        self._checked: dict[str, tuple[tuple[int, int, int], ...]] = {}
+        self.verify = parse_verify(verify if verify is not None else ("full" if full_check else "stat"))
+
+    @property
+    def full_check(self) -> bool:
+        """True when every load recomputes every CRC32 (`verify="full"`)."""
+        return self.verify == "full"
 
     def entry_dir(self, name: str, key: str) -> Path:
         """The folder of entry `name` under `key`."""
@@ -137,10 +147,9 @@ class TrunkCacheStore:
                     raise ValueError(f"{file.name} has {st.st_size} bytes, expected {spec['bytes']}")
                 stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
                 arrays[name] = (file, spec)
-            seen = self._checked.get(str(path), ())
+            seen = _VERIFIED.get((os.getpid(), str(path)), ())
             for stamp, (file, spec) in zip(stamps, arrays.values(), strict=True):
-                trusted = list(stamp) == spec.get("stamp") or stamp in seen
-                if (self.full_check or not trusted) and _crc32(file) != spec["crc32"]:
+                if (self.full_check or stamp not in seen) and _crc32(file) != spec["crc32"]:
                     raise ValueError(f"{file.name}: CRC32 mismatch")
             loaded = {n: np.load(f, mmap_mode="r") for n, (f, _) in arrays.items()}
             for name, (_, spec) in arrays.items():
@@ -149,7 +158,7 @@ class TrunkCacheStore:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("Trunk cache entry %s is unusable (%s): rebuilding it", path, exc)
             return None
-        self._checked[str(path)] = tuple(stamps)
+        _VERIFIED[(os.getpid(), str(path))] = tuple(stamps)
         return CachedArrays(path, loaded["features"], loaded.get("aux_input"), np.asarray(loaded["labels"]), meta)
 
     def get_or_build(
@@ -177,6 +186,7 @@ class TrunkCacheStore:
                         os.rename(final, stale)
                         shutil.rmtree(stale, ignore_errors=True)
                     os.rename(tmp, final)
+                    _mark_built(final)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
             finally:
@@ -185,6 +195,13 @@ class TrunkCacheStore:
         if arrays is None:
             raise RuntimeError(f"trunk cache entry {final} is invalid right after it was built")
         return arrays, True
+
+
+def _mark_built(entry: Path) -> None:
+    """This process just computed the CRC32s of `entry` from its files: their stamps count as verified."""
+    meta = json.loads((entry / _META).read_text(encoding="utf-8"))
+    stamps = [tuple(spec["stamp"]) for spec in meta["arrays"].values()]
+    _VERIFIED[(os.getpid(), str(entry))] = tuple(stamps)  # type: ignore[arg-type]
 
 
 def _finish_entry(tmp: Path, key: str, fields: dict[str, Any]) -> None:
@@ -254,11 +271,13 @@ class TrunkCachedDataModule(DelegatingDataModule):
     """
 
     def __init__(self, datamodule: Any, split: TrunkSplit, views: int = 1, seed: int | None = None,
-                 root: str | Path | None = None, dtype: str = "float16", build_batch_size: int = 32) -> None:
+                 root: str | Path | None = None, dtype: str = "float16", build_batch_size: int = 32,
+                 verify: str = "stat") -> None:
         super().__init__(datamodule)
         self.split, self.views, self.dtype = split, int(views), str(np.dtype(dtype))
         self.seed = datamodule.seed if seed is None else int(seed)
-        self.store = TrunkCacheStore(root if root is not None else Path(datamodule.cache_root) / "trunk")
+        self.store = TrunkCacheStore(root if root is not None else Path(datamodule.cache_root) / "trunk",
+                                     verify=verify)
         self.build_batch_size = int(build_batch_size)
         self.built: dict[str, bool] = {}
         self.stored: dict[str, str] = {}  # dtype on disk per split (float32 where fp16 would overflow)
@@ -341,7 +360,8 @@ def maybe_use_trunk_cache(
 ) -> Any:
     """`datamodule`, or a TrunkCachedDataModule around it when `model.trunk_cache` (auto|on|off) says so.
 
-    Reads `cfg.model.trunk_cache` and `cfg.model.trunk_cache_views`; entries go to `cache_dir`, by default
+    Reads `cfg.model.trunk_cache`, `cfg.model.trunk_cache_views` and `cfg.model.trunk_cache_verify` (stat|full,
+    see `TrunkCacheStore`; else the model's hyper-parameter); entries go to `cache_dir`, by default
     `<data.cache_dir>/trunk`. Sets `model.trunk_split` (the EcgClassifier hook that runs only the tail).
     """
     mcfg = cfg.get("model") or {}
@@ -356,4 +376,5 @@ def maybe_use_trunk_cache(
         raise TypeError(f"{type(model).__name__} has no `trunk_split` hook: it cannot train on cached features")
     model.trunk_split = plan.split
     root = cache_dir or Path(datamodule.cache_root) / "trunk"
-    return TrunkCachedDataModule(datamodule, plan.split, plan.views, root=root, dtype=dtype)
+    verify = parse_verify(mcfg.get("trunk_cache_verify", hparams.get("trunk_cache_verify")))
+    return TrunkCachedDataModule(datamodule, plan.split, plan.views, root=root, dtype=dtype, verify=verify)
