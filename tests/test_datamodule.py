@@ -225,3 +225,28 @@ def test_ink_option_reaches_settings_images_and_preprocessing(fitted: EcgDataMod
     assert torch.equal(img[0], img[1]) and torch.equal(img[1], img[2])  # grey: the grid colour is gone
     plain = fitted.dataset("train").load_uint8(0)
     assert not torch.equal(img, plain)  # a different cache entry, not the plain image
+
+
+def test_corrupt_decoded_entries_are_counted_and_logged(fitted: EcgDataModule, tmp_path: Path, caplog) -> None:
+    import logging
+
+    dm = _reuse(fitted, cache_dir=str(tmp_path))
+    dm.setup("validate")
+    for _batch in dm.val_dataloader():  # fill the disk cache
+        pass
+    entries = sorted((tmp_path / "decoded").rglob("*.u8"))
+    assert len(entries) == len(dm.dataset("val"))
+    for entry in entries[:2]:
+        raw = bytearray(entry.read_bytes())
+        raw[-1] ^= 0xFF
+        entry.write_bytes(bytes(raw))
+    again = _reuse(fitted, cache_dir=str(tmp_path))  # a new job: no memory layer
+    again.setup("validate")
+    with caplog.at_level(logging.WARNING, logger="ecg_inception"):
+        for _batch in again.val_dataloader():
+            pass
+        again.teardown("validate")  # the Trainer calls it at the end of every fit/validate/test
+        again.teardown("test")  # nothing new since: no second line
+    lines = [r.getMessage() for r in caplog.records if "corrupt" in r.getMessage()]
+    assert len(lines) == 1 and "2 corrupt entries" in lines[0] and "rebuilt" in lines[0], lines
+    assert again.cache_stats().corrupt == 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import struct
 import tempfile
@@ -33,6 +34,8 @@ CACHE_VERSION = 1  # bump when preprocessing changes in a way the settings do no
 _MAGIC = b"ECGU8\x00"
 _HEADER = struct.Struct("<6sHHIII")  # magic, version, channels, height, width, crc32 of the payload
 _SLOTS = 64  # per-process counter rows: main process and DataLoader workers never share a row
+
+log = logging.getLogger(__name__)
 
 
 def default_cache_dir() -> Path:
@@ -156,6 +159,8 @@ class DecodedCache:
             self._count(hits=1)
         else:
             self._count(misses=1, corrupt=int(found))
+            if found:  # counted in stats(); EcgDataModule.teardown logs the total per fit/validate/test
+                log.debug("%s: decoded-cache entry %s is corrupt or stale: rebuilding it", path, entry)
             tensor = build()
             if tensor.dtype != torch.uint8 or tuple(tensor.shape) != expected:
                 raise ValueError(

@@ -251,6 +251,7 @@ class EcgDataModule(L.LightningDataModule):
         self._manifest: Manifest | None = None
         self._config: DataConfig | None = None
         self._datasets: dict[str, EcgImageDataset] = {}
+        self._corrupt_logged = 0  # corrupt decoded-cache entries already reported by `teardown`
 
     # -- data preparation -------------------------------------------------------------------------
 
@@ -405,6 +406,17 @@ class EcgDataModule(L.LightningDataModule):
             "crop": self.crop,
             "ink": self.ink,
         }
+
+    def teardown(self, stage: str | None = None) -> None:
+        """End of a fit/validate/test: log how many corrupt decoded-cache entries were rebuilt since the last one."""
+        stats = self.cache_stats()
+        if stats is None or stats.corrupt <= self._corrupt_logged:
+            return
+        new, self._corrupt_logged = stats.corrupt - self._corrupt_logged, stats.corrupt
+        log.warning(
+            "decoded cache %s: %d corrupt %s found and rebuilt (%s; %d lookups so far)",
+            self.cache_root / "decoded", new, "entry" if new == 1 else "entries", stage or "run", stats.lookups,
+        )  # fmt: skip
 
     def cache_stats(self) -> CacheStats | None:
         """Decoded-cache hits and misses over all splits and workers (None with the cache off)."""
