@@ -26,9 +26,12 @@ from test_train import compose_cfg, tiny_overrides  # noqa: E402
 
 @pytest.fixture(scope="module")
 def run_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory, one_thread) -> Path:
-    """A genuine one-epoch run folder: config.yaml, splits.csv, checkpoints/last.ckpt."""
+    """A genuine one-epoch run folder (config.yaml, splits.csv, checkpoints/last.ckpt) with every kind of state
+    our checkpoints carry: optimizer, LR scheduler, ModelCheckpoint, EarlyStopping and weight-EMA callbacks."""
     tmp = tmp_path_factory.mktemp("ckptrun")
-    cfg = compose_cfg("train", tiny_overrides(synthetic_root, tmp) + ["trainer.max_epochs=1"])
+    extra = ["trainer.max_epochs=1", "model.scheduler={name:plateau,patience:2}",
+             "+callbacks.ema={_target_:ecg_inception.callbacks.EmaWeights,decay:0.9,start_epoch:0}"]
+    cfg = compose_cfg("train", tiny_overrides(synthetic_root, tmp) + extra)
     train(cfg)
     return Path(cfg.paths.output_dir)
 
@@ -147,7 +150,10 @@ def test_unsafe_compile_options_in_checkpoint_are_refused(run_dir: Path, tmp_pat
 
 def test_genuine_checkpoint_loads_and_predicts_like_training(run_dir: Path) -> None:
     ckpt = run_dir / "checkpoints" / "last.ckpt"
+    # Only tensors, storages and OrderedDicts: loads with weights_only=True on the torch floor (>= 2.6).
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(ckpt) == []
     data = load_checkpoint(ckpt)
+    assert data["lr_schedulers"] and any("EmaWeights" in k for k in data["callbacks"]), list(data["callbacks"])
     assert data["hyper_parameters"]["preprocessing"]["size"] == 75
     model = EcgClassifier.from_checkpoint(ckpt)
     raw = torch.load(ckpt, weights_only=True)["state_dict"]
@@ -205,3 +211,30 @@ def test_corrupt_checkpoint_in_eval_and_resume(run_dir: Path, synthetic_root: Pa
 def test_missing_checkpoint_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no such file"):
         load_checkpoint(tmp_path / "nope.ckpt")
+
+
+# ------------------------------------------------------------------------------------ weights_only everywhere
+def _unsafe_loads(path: Path) -> list[str]:
+    """Calls in `path` that read a checkpoint without weights_only=True: torch.load, load_from_checkpoint and
+    Trainer.fit/validate/test/predict with a ckpt_path."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        name, kw = node.func.attr, {k.arg: k.value for k in node.keywords}
+        loads = (name == "load" and ast.unparse(node.func.value) == "torch") or name == "load_from_checkpoint"
+        loads |= name in ("fit", "validate", "test", "predict") and "ckpt_path" in kw
+        safe = isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True
+        if loads and not safe:
+            found.append(f"{path.name}:{node.lineno}: {ast.unparse(node)[:80]}")
+    return found
+
+
+def test_every_checkpoint_read_in_the_code_passes_weights_only() -> None:
+    repo = Path(__file__).resolve().parents[1]
+    files = [p for d in ("ecg_inception", "examples", "benchmarks") for p in sorted((repo / d).rglob("*.py"))]
+    assert len(files) > 20
+    offenders = [hit for p in files for hit in _unsafe_loads(p)]
+    assert offenders == [], offenders
