@@ -108,6 +108,28 @@ class CacheStats:
         return self.hits + self.misses
 
 
+def log_rebuilt(stats: CacheStats | None, directory: Path, stage: str | None, reported: int) -> int:
+    """Warn once about the corrupt entries rebuilt since `reported` of them were last reported.
+
+    Args:
+        stats: the cache counters (None: cache off, nothing to say).
+        directory: the cache folder, for the message.
+        stage: what just ended (fit, validate, test), for the message.
+        reported: how many corrupt entries earlier calls reported.
+
+    Returns:
+        The number reported so far, to pass as `reported` next time.
+    """
+    if stats is None or stats.corrupt <= reported:
+        return reported
+    new = stats.corrupt - reported
+    log.warning(
+        "decoded cache %s: %d corrupt %s found and rebuilt (%s; %d lookups so far)",
+        directory, new, "entry" if new == 1 else "entries", stage or "run", stats.lookups,
+    )  # fmt: skip
+    return stats.corrupt
+
+
 class DecodedCache:
     """Disk cache of preprocessed uint8 [3, size, size] tensors under `<directory>`.
 

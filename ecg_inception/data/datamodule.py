@@ -25,6 +25,7 @@ from ecg_inception.data.cache import (
     PreprocessSettings,
     default_cache_dir,
     file_sha256,
+    log_rebuilt,
 )
 from ecg_inception.data.split import (
     SPLITS,
@@ -409,14 +410,8 @@ class EcgDataModule(L.LightningDataModule):
 
     def teardown(self, stage: str | None = None) -> None:
         """End of a fit/validate/test: log how many corrupt decoded-cache entries were rebuilt since the last one."""
-        stats = self.cache_stats()
-        if stats is None or stats.corrupt <= self._corrupt_logged:
-            return
-        new, self._corrupt_logged = stats.corrupt - self._corrupt_logged, stats.corrupt
-        log.warning(
-            "decoded cache %s: %d corrupt %s found and rebuilt (%s; %d lookups so far)",
-            self.cache_root / "decoded", new, "entry" if new == 1 else "entries", stage or "run", stats.lookups,
-        )  # fmt: skip
+        directory, done = self.cache_root / "decoded", self._corrupt_logged
+        self._corrupt_logged = log_rebuilt(self.cache_stats(), directory, stage, done)
 
     def cache_stats(self) -> CacheStats | None:
         """Decoded-cache hits and misses over all splits and workers (None with the cache off)."""
