@@ -77,6 +77,7 @@ def test_split_cli_names_the_file_it_left_out(odd_root: Path, tmp_path: Path, ca
     sidecar = excluded_path(out).read_text(encoding="utf-8")
     assert SHOWN in sidecar and "not valid UTF-8" in sidecar
     assert SHOWN not in out.read_text(encoding="utf-8")
+    assert f"{SHOWN}: unreadable: file name is not valid UTF-8" in capsys.readouterr().out
 
 
 def test_train_runs_on_a_folder_with_an_undecodable_name(odd_root: Path, tmp_path: Path, one_thread) -> None:

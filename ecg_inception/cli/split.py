@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from ecg_inception.data.split import BALANCE_STAGES, BALANCES, PROTOCOLS, SPLITS, Manifest, make_split
 from ecg_inception.errors import EcgInceptionError
 
+UNREADABLE_SHOWN = 10  # unreadable files named on the console (all are in the sidecar)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """Command-line options; defaults follow `make_split`."""
@@ -49,6 +51,10 @@ def summary(manifest: Manifest) -> list[str]:
         lines.append(f"{label:<{width}} " + " ".join(f"{counts[s][label]:>6}" for s in SPLITS))
     lines.append(f"{'total':<{width}} " + " ".join(f"{sum(counts[s].values()):>6}" for s in SPLITS))
     lines.append(f"excluded: {len(manifest.excluded)} files (see the .excluded.csv sidecar for reasons)")
+    unreadable = [(p, why) for p, why in manifest.excluded if why.startswith("unreadable")]
+    lines += [f"  {path}: {why}" for path, why in unreadable[:UNREADABLE_SHOWN]]
+    if len(unreadable) > UNREADABLE_SHOWN:
+        lines.append(f"  ... and {len(unreadable) - UNREADABLE_SHOWN} more unreadable files")
     if manifest.balance == "class_weights":
         weights = ", ".join(f"{w:.3f}" for w in manifest.class_weights())
         lines.append(f"class weights (train inverse frequency, mean 1): {weights}")
