@@ -185,7 +185,9 @@ class EcgClassifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.eval_metrics = nn.ModuleDict({s: build_metrics(num_classes) for s in ("val", "test")})
         self.eval_loss = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
+        # Persistent: the best validation accuracy so far (what sweeps optimise) survives a resume.
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)
         self.last_reports: dict[str, dict[str, Any]] = {}
         self._weights_from_checkpoint = False
         #: Set by models.trunk_cache.maybe_use_trunk_cache: batches may then be cached trunk features.
@@ -360,8 +362,15 @@ class EcgClassifier(pl.LightningModule):
                 )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint for another class count before any weights are copied."""
+        """Refuse a checkpoint for another class count before any weights are copied.
+
+        A checkpoint written before `val_acc_best` was persistent lacks its state: the metric starts afresh.
+        """
         self._check_class_count(checkpoint.get("state_dict", {}), "the checkpoint")
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict):
+            for key, value in self.val_acc_best.state_dict(prefix="val_acc_best.").items():
+                state.setdefault(key, value)
         self._weights_from_checkpoint = True
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
