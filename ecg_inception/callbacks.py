@@ -1,4 +1,5 @@
-"""Training callbacks of our own: best weights kept in memory for sweeps; a run-long weight average (EMA)."""
+"""Training callbacks of our own: best weights kept in memory for sweeps; a run-long weight average (EMA); a stop at
+the first non-finite loss."""
 
 from __future__ import annotations
 
@@ -11,7 +12,29 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, WeightAveraging
 
+from ecg_inception.errors import TrainingDivergedError
+
 log = logging.getLogger(__name__)
+
+
+class FiniteLoss(pl.Callback):
+    """Stop a fit at the first NaN or infinite training loss with `TrainingDivergedError` (step, epoch, lr).
+
+    Without it a diverged run goes on to validate NaN weights, picks a "best" checkpoint among them and reports
+    chance accuracy as if it were a result.
+    """
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor) or bool(torch.isfinite(loss.detach()).all()):
+            return
+        lr = None
+        if trainer.optimizers:
+            lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+        value = float(loss.detach().float().reshape(-1)[0])
+        raise TrainingDivergedError(step=trainer.global_step, epoch=trainer.current_epoch, value=value, lr=lr)
 
 
 class BestWeights(pl.Callback):
