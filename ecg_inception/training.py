@@ -142,8 +142,8 @@ def _best_checkpoint(callbacks: list[Callback]) -> tuple[str | None, str | None]
     With ModelCheckpoint the best file is loaded for testing; BestWeights has already put the best weights
     back into the model, so testing uses the model as it is.
     """
-    for cb in callbacks:
-        if isinstance(cb, ModelCheckpoint) and cb.best_model_path:
+    for cb in callbacks:  # a checkpoint without a monitor (last.ckpt) is the latest, not the best
+        if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path:
             return cb.best_model_path, cb.best_model_path
     for cb in callbacks:
         if isinstance(cb, BestWeights):

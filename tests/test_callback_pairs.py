@@ -148,3 +148,21 @@ def test_gradual_unfreeze_and_model_checkpoint_restore_the_best_epoch(tmp_path) 
     trainer = _fit(model, [GradualUnfreeze({1: "all"}, lr_factor=1.0), ckpt], 3, tmp_path)
     trainer.test(model, _loader(), ckpt_path=ckpt.best_model_path, verbose=False)
     _assert_same(model.tested, model.validated[1], "test of the best checkpoint")
+
+
+def test_the_shipped_checkpoints_keep_the_best_epoch_and_the_last_one(tmp_path) -> None:
+    """callbacks=default: the best file holds the best epoch and last.ckpt the last epoch. Before the fix
+    `save_last: true` (Lightning 2.6) wrote last.ckpt only in improving epochs, so `ckpt_path=last` resumed from
+    the best epoch and trained the later epochs again."""
+    from conftest import compose_cfg
+
+    from ecg_inception.training import instantiate_callbacks
+
+    cfg = compose_cfg("train", [f"paths.output_dir={tmp_path}", "callbacks.early_stopping=null",
+                                "callbacks.rich_progress_bar=null", "callbacks.lr_monitor=null"])
+    model = Recorder([0.9, 0.5, 0.6])
+    _fit(model, instantiate_callbacks(cfg.callbacks), 3, tmp_path)
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 2 and last["global_step"] == 12
+    best = [p for p in (tmp_path / "checkpoints").glob("*.ckpt") if p.name != "last.ckpt"]
+    assert len(best) == 1 and torch.load(best[0], weights_only=True)["epoch"] == 0
