@@ -1,19 +1,23 @@
-"""What `train` settles before any data is made: the input-size check, where the normalisation comes from, and the
-one-line summary of the files a split left out."""
+"""What `train` settles around the fit: the input-size check, where the normalisation comes from, the one-line summary
+of the files a split left out, and the report of a fit that did not finish."""
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig
 
+from ecg_inception.data.datamodule import EcgDataModule
 from ecg_inception.data.split import Manifest, excluded_path
 from ecg_inception.errors import CheckpointError
 from ecg_inception.models.backbone import split_name
 from ecg_inception.models.module import check_image_size, to_plain
+from ecg_inception.report import MetricsHistory, write_report
 
 log = logging.getLogger(__name__)
 
@@ -108,3 +112,27 @@ def report_excluded(manifest: Manifest, manifest_path: str | Path) -> str | None
     line = f"{len(manifest.excluded)} files left out of the split ({detail}); list: {excluded_path(manifest_path)}"
     log.warning(line)
     return line
+
+
+def stopped_report(
+    output_dir: Path, status: str, err: BaseException, datamodule: EcgDataModule, trainer: pl.Trainer,
+    history: MetricsHistory, started: float,
+) -> dict[str, Any]:
+    """Write metrics.json of a fit that did not finish (status, error, where it stopped; no scores); returns it."""
+    manifest = datamodule.manifest
+    metrics: dict[str, Any] = {
+        "status": status,
+        "error": f"{type(err).__name__}: {err}",
+        "labels": list(datamodule.labels),
+        "protocol": manifest.protocol,
+        "leaky": bool(manifest.leaky),
+        "counts": manifest.counts(),
+        "epochs": int(trainer.current_epoch),
+        "step": int(getattr(err, "step", trainer.global_step)),
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "val": None,
+        "test": None,
+        "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+    }
+    write_report(output_dir, metrics, history.rows, plots=False)
+    return metrics

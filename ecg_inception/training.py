@@ -23,12 +23,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from ecg_inception.callbacks import BestWeights, FiniteLoss
 from ecg_inception.data.datamodule import EcgDataModule
+from ecg_inception.data.whole_folder import check_folder, training_copies, write_whole_folder_manifest
 from ecg_inception.errors import ConfigValueError, DatasetError, TrainingDivergedError
 from ecg_inception.models.backbone import check_pretrained_available
 from ecg_inception.models.module import EcgClassifier
 from ecg_inception.models.trunk_cache import TrunkCachedDataModule, maybe_use_trunk_cache
 from ecg_inception.report import MetricsHistory, write_report
-from ecg_inception.run_setup import check_train_config, data_overrides_for_weights, report_excluded
+from ecg_inception.run_setup import (
+    check_train_config,
+    data_overrides_for_weights,
+    report_excluded,
+    stopped_report,
+)
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +224,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         trainer.fit(model=model, datamodule=loaders, ckpt_path=str(ckpt) if ckpt else None)
     except TrainingDivergedError as err:
         log.error("%s", err)
-        return _stopped_report(output_dir, "diverged", err, datamodule, trainer, history, started), objects
+        return stopped_report(output_dir, "diverged", err, datamodule, trainer, history, started), objects
     except Exception as err:
-        _stopped_report(output_dir, "failed", err, datamodule, trainer, history, started)
+        stopped_report(output_dir, "failed", err, datamodule, trainer, history, started)
         raise
     logged = _scalar_metrics(trainer)
     best, eval_ckpt = _best_checkpoint(callbacks)
@@ -248,30 +254,6 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     write_report(output_dir, metrics, history.rows, plots=bool(cfg.get("plots", True)))
     log.info("Report written to %s", output_dir)
     return metrics, objects
-
-
-def _stopped_report(
-    output_dir: Path, status: str, err: BaseException, datamodule: EcgDataModule, trainer: pl.Trainer,
-    history: MetricsHistory, started: float,
-) -> dict[str, Any]:
-    """metrics.json of a fit that did not finish: the status, the error, where it stopped; no test scores."""
-    manifest = datamodule.manifest
-    metrics: dict[str, Any] = {
-        "status": status,
-        "error": f"{type(err).__name__}: {err}",
-        "labels": list(datamodule.labels),
-        "protocol": manifest.protocol,
-        "leaky": bool(manifest.leaky),
-        "counts": manifest.counts(),
-        "epochs": int(trainer.current_epoch),
-        "step": int(getattr(err, "step", trainer.global_step)),
-        "wall_time_s": round(time.perf_counter() - started, 2),
-        "val": None,
-        "test": None,
-        "logged": _scalar_metrics(trainer),
-    }
-    write_report(output_dir, metrics, history.rows, plots=False)
-    return metrics
 
 
 def _test_checkpoint(cfg: DictConfig, ckpt: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -320,37 +302,6 @@ def _eval_splits(cfg: DictConfig) -> list[str]:
     return splits
 
 
-def _check_folder(cfg: DictConfig, ckpt: Path, labels: list[str], datamodule: EcgDataModule) -> None:
-    """Refuse a folder with other classes than the checkpoint's; say when its files are not in the manifest."""
-    from ecg_inception.data.whole_folder import check_folder_classes, folder_labels
-
-    root = datamodule.dataset_root()
-    if cfg.data.get("root") is None:
-        return
-    check_folder_classes(root, folder_labels(root), labels or list(datamodule.labels))
-    from ecg_inception.data.scan import list_folder
-
-    listed = {r.path for r in datamodule.manifest.rows} | {p for p, _ in datamodule.manifest.excluded}
-    outside = [rel for rel, _, _ in list_folder(root).candidates if rel not in listed]
-    if outside:
-        log.warning(
-            "%s: %d files under this folder are not in the split manifest and are not scored (first: %s); "
-            "to score every file of a folder, use eval_all=true", root, len(outside), outside[0],
-        )  # fmt: skip
-
-
-def _whole_folder_split(cfg: DictConfig, output_dir: Path, labels: list[str]) -> str:
-    """eval_all: a manifest with every readable file of data.root in the test role; returns its path."""
-    from ecg_inception.data.audit import audit_folder
-    from ecg_inception.data.whole_folder import whole_folder_manifest
-
-    if cfg.data.get("root") is None:
-        raise ConfigValueError("eval_all=true needs data.root=/path/to/labelled/folder")
-    report = audit_folder(str(cfg.data.root))
-    manifest = whole_folder_manifest(report, str(cfg.data.get("protocol", "leakfree")), labels)
-    return str(manifest.write_csv(output_dir / "whole_folder.csv"))
-
-
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Evaluate a checkpoint with the preprocessing, labels and split of its run; writes metrics.json.
 
@@ -387,7 +338,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     labels = list(model.hparams.get("labels") or [])
     run_manifest = ckpt.parent.parent / SPLITS_FILE
     if cfg.get("eval_all", False):
-        split_manifest: str | None = _whole_folder_split(cfg, output_dir, labels)
+        if cfg.data.get("root") is None:
+            raise ConfigValueError("eval_all=true needs data.root=/path/to/labelled/folder")
+        split_manifest: str | None = str(write_whole_folder_manifest(
+            cfg.data.root, str(cfg.data.get("protocol", "leakfree")), labels, output_dir / "whole_folder.csv"))
     else:
         split_manifest = _split_manifest_for(cfg, ckpt)
     if split_manifest is None:
@@ -401,7 +355,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         raise DatasetError(
             f"{ckpt}: the checkpoint was trained on labels {labels}, the data has {list(datamodule.labels)}"
         )
-    _check_folder(cfg, ckpt, labels, datamodule)
+    if cfg.data.get("root") is not None:  # a folder given to eval: its classes must be the checkpoint's
+        check_folder(datamodule.dataset_root(), labels or list(datamodule.labels), datamodule.manifest)
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False)
     logged: dict[str, float] = {}
@@ -424,8 +379,6 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     for split in splits:
         metrics[split] = model.last_reports.get(split)
     if cfg.get("eval_all", False):
-        from ecg_inception.data.whole_folder import training_copies
-
         metrics["eval_all"] = True
         metrics["training_copies"] = training_copies((r.sha256 for r in manifest.rows), run_manifest)
         log.info("eval_all: %s", metrics["training_copies"]["note"])

@@ -49,15 +49,35 @@ def test_the_first_non_finite_loss_stops_the_fit_naming_step_and_learning_rate(t
     assert trainer.global_step == 3
 
 
-def test_a_diverging_run_writes_status_diverged(synthetic_root: Path, tmp_path: Path) -> None:
+def _cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | env
+    return subprocess.run([sys.executable, "-m", "ecg_inception.cli.train", *args], capture_output=True, text=True,
+                          cwd=cwd, env=environ, timeout=600)
+
+
+def test_a_diverging_run_writes_status_diverged_and_exits_1(synthetic_root: Path, tmp_path: Path) -> None:
     """Before the fix lr=1e9 crashed in EarlyStopping ("val/loss not available") and wrote no metrics.json."""
-    overrides = tiny_overrides(synthetic_root, tmp_path) + [
-        "model.optimizer.lr=1e9", "trainer.max_epochs=1", "plots=false"]  # fmt: skip
-    metrics, _ = train(compose_cfg("train", overrides))
+    args = tiny_overrides(synthetic_root, tmp_path) + ["model.optimizer.lr=1e9", "trainer.max_epochs=1", "plots=false"]
+    proc = _cli(args, tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "ecg-inception-train: run diverged: TrainingDivergedError: training diverged" in proc.stderr
+    assert "learning rate" in proc.stderr.splitlines()[-1]
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["status"] == saved["status"] == "diverged"
-    assert "learning rate" in saved["error"] and saved["step"] >= 1
+    assert saved["status"] == "diverged" and "learning rate" in saved["error"] and saved["step"] >= 1
     assert saved["test"] is None and saved["val"] is None
+
+
+def test_a_run_that_fails_records_status_failed(synthetic_root: Path, tmp_path: Path, monkeypatch) -> None:
+    from ecg_inception.models.module import EcgClassifier
+
+    def broken(self, batch, batch_idx):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(EcgClassifier, "training_step", broken)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        train(compose_cfg("train", tiny_overrides(synthetic_root, tmp_path) + ["plots=false"]))
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["status"] == "failed" and saved["error"] == "RuntimeError: disk on fire"
 
 
 def test_image_size_10_is_refused_before_any_data(synthetic_root: Path, tmp_path: Path) -> None:
@@ -83,12 +103,6 @@ def test_files_left_out_get_a_one_line_summary(synthetic_root: Path, tmp_path: P
     assert len(lines) == 1
     assert lines[0].startswith("9 files left out of the split (8 exact copy, 1 unreadable); list: ")
     assert lines[0].endswith(str(tmp_path / "run" / "splits.excluded.csv"))
-
-
-def _cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    environ = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"} | env
-    return subprocess.run([sys.executable, "-m", "ecg_inception.cli.train", *args], capture_output=True, text=True,
-                          cwd=cwd, env=environ, timeout=600)
 
 
 def test_cli_prints_a_library_error_alone_and_exits_2(synthetic_root: Path, tmp_path: Path) -> None:

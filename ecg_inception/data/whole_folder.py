@@ -4,6 +4,7 @@ files whose bytes also sit in the training split of the checkpoint's run."""
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,8 @@ from ecg_inception.data.audit import AuditReport
 from ecg_inception.data.scan import list_folder
 from ecg_inception.data.split import Manifest, ManifestRow
 from ecg_inception.errors import DatasetError, ManifestError
+
+log = logging.getLogger(__name__)
 
 
 def whole_folder_manifest(report: AuditReport, protocol: str, labels: Sequence[str]) -> Manifest:
@@ -69,9 +72,32 @@ def check_folder_classes(root: str | Path, found: Iterable[str], labels: Sequenc
         )
 
 
-def folder_labels(root: str | Path) -> list[str]:
-    """The class labels of a folder's class sub-folders (nothing is decoded)."""
-    return list(list_folder(root).folders)
+def write_whole_folder_manifest(root: str | Path, protocol: str, labels: Sequence[str], out: str | Path) -> Path:
+    """Audit `root` and write the manifest of `whole_folder_manifest` to `out`; returns its path.
+
+    Raises:
+        DatasetError: see `whole_folder_manifest` (and an unusable folder).
+    """
+    from ecg_inception.data.audit import audit_folder
+
+    return whole_folder_manifest(audit_folder(root), protocol, labels).write_csv(out)
+
+
+def check_folder(root: str | Path, labels: Sequence[str], manifest: Manifest) -> None:
+    """A folder given for evaluation with the run's manifest: refuse other classes, warn about unlisted files.
+
+    Raises:
+        DatasetError: when the folder's class folders are not exactly `labels`.
+    """
+    listing = list_folder(root)
+    check_folder_classes(root, list(listing.folders), labels)
+    listed = {r.path for r in manifest.rows} | {p for p, _ in manifest.excluded}
+    outside = [rel for rel, _, _ in listing.candidates if rel not in listed]
+    if outside:
+        log.warning(
+            "%s: %d files under this folder are not in the split manifest and are not scored (first: %s); "
+            "to score every file of a folder, use eval_all=true", root, len(outside), outside[0],
+        )  # fmt: skip
 
 
 def training_copies(sha256s: Iterable[str], run_manifest: str | Path | None) -> dict[str, Any]:
