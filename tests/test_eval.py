@@ -98,3 +98,20 @@ def test_splits_train_is_a_clear_error(trained, tmp_path: Path) -> None:
     with pytest.raises(ConfigValueError, match=r"splits=\['train'\]"):
         evaluate(compose_cfg("eval", eval_overrides(best, tmp_path / "e", "splits=[train]")))
     assert not (tmp_path / "e" / "metrics.json").exists()
+
+
+def test_eval_cli_prints_the_error_alone_and_exits_2(trained, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    _, _, metrics, _ = trained
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "ecg_inception.cli.eval", f"ckpt_path={metrics['best_checkpoint']}", "splits=[train]",
+         f"paths.output_dir={tmp_path / 'e'}", f"paths.log_dir={tmp_path / 'logs'}"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("ecg-inception-eval: error: splits=['train']")
+    assert "Traceback" not in proc.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import hydra
 from omegaconf import DictConfig
 
@@ -16,7 +18,7 @@ def main(cfg: DictConfig) -> float | None:
     """Train, test and report; returns `optimized_metric` for sweepers.
 
     Exits 2 with the message alone on a library error (a bad value, folder or checkpoint), 1 when the run
-    diverged or failed (a sweep job returns None instead).
+    diverged or failed (a sweep job returns NaN instead).
     """
     with library_errors(PROG):
         metrics, _ = train(cfg)
@@ -24,7 +26,7 @@ def main(cfg: DictConfig) -> float | None:
         status = str(metrics.get("status", "ok"))
         finish_run(PROG, status, metrics.get("error"))
         if status != "ok":
-            return None
+            return math.nan  # a sweep job: Optuna records a NaN objective as a failed trial and goes on
         return get_metric_value(metrics, cfg.get("optimized_metric"))
 
 

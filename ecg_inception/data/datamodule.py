@@ -182,7 +182,8 @@ class EcgDataModule(L.LightningDataModule):
     protocol's defaults; augment_kind -> "paper" for the paper protocol, else "ecg"; num_workers ->
     `default_num_workers()`; pin_memory -> CUDA available; persistent_workers -> num_workers > 0;
     image_size -> the model's pretrained input size (an int: square; [height, width]: any shape); ink ->
-    False (True: grid removed before resizing, see `transforms.ink_image`); cache_dir ->
+    False (True: grid removed before resizing, see `transforms.ink_image`); mean, std, interpolation -> the
+    timm config of `model_name` (which may name a tag: `inception_v3.gluon_in1k`); cache_dir ->
     `$ECG_INCEPTION_CACHE` or `~/.cache/ecg_inception` (decoded images under `decoded/`, synthetic sets under
     `synthetic/`).
     """

@@ -23,7 +23,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ecg_inception.data.transforms import parse_image_size
-from ecg_inception.errors import ConfigValueError, PretrainedWeightsError
+from ecg_inception.errors import CheckpointError, ConfigValueError, PretrainedWeightsError
 from ecg_inception.models.backbone import create_backbone, head_names
 from ecg_inception.models.freezing import (
     GradualUnfreeze,
@@ -408,7 +408,7 @@ class EcgClassifier(pl.LightningModule):
         self.val_acc_best.reset()
         if best is not None:
             if isinstance(best, bool) or not isinstance(best, (int, float)) or not math.isfinite(best):
-                raise PretrainedWeightsError(f"the checkpoint's {VAL_ACC_BEST_KEY} is not a finite number: {best!r}")
+                raise CheckpointError("checkpoint", f"{VAL_ACC_BEST_KEY} is not a finite number: {best!r}")
             self.val_acc_best.update(torch.tensor(float(best)))
         self._weights_from_checkpoint = True
 
