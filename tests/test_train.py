@@ -97,7 +97,7 @@ def test_resume_matches_an_uninterrupted_run(trained, synthetic_root: Path, tmp_
     straight = tiny_overrides(synthetic_root, tmp_path, out="straight") + [
         "trainer.max_epochs=3",
         f"+callbacks.every_epoch={{_target_:lightning.pytorch.callbacks.ModelCheckpoint,dirpath:{every},"
-        "save_top_k:-1,every_n_epochs:1}",
+        "save_top_k:-1,every_n_epochs:1,mode:max}",
     ]
     _, straight_objs = train(compose_cfg("train", straight))
     interrupted = _torch_load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
