@@ -179,7 +179,11 @@ def calibrate_model(model: EcgClassifier, best_checkpoint: str | None) -> float:
     model.temperature = fit_temperature(*model.last_logits["val"])
     log.info("Temperature scaling: T = %.4f (fitted on val)", model.temperature)
     if best_checkpoint and Path(best_checkpoint).is_file():
-        store_temperature(best_checkpoint, model.temperature)
+        try:
+            store_temperature(best_checkpoint, model.temperature)
+        except Exception as exc:  # noqa: BLE001 - a finished fit must not be lost over the temperature
+            log.error("could not write the temperature into %s (%s: %s): predictions from that file use T = 1",
+                      best_checkpoint, type(exc).__name__, exc)
     return model.temperature
 
 
