@@ -175,3 +175,24 @@ def test_unknown_preprocessing_version_and_bad_temperature_are_refused(tiny_run:
     torch.save(dict(raw, temperature=float("nan")), tmp_path / "nan.ckpt")
     with pytest.raises(CheckpointError, match="nan.ckpt.*temperature"):
         Predictor.from_checkpoint(tmp_path / "nan.ckpt", device="cpu")
+
+
+def test_workers_leave_the_model_the_remaining_cores_and_threads_are_restored(tiny_run: dict,
+                                                                              monkeypatch) -> None:
+    import ecg_inception.inference.predictor as predictor_module
+
+    p = Predictor.from_checkpoint(tiny_run["ckpt"], device="cpu", batch_size=1, num_workers=1)
+    monkeypatch.setattr(predictor_module, "usable_cpus", lambda: 8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        assert p.model_threads(0) is None
+        assert p.model_threads(1) == 4  # never more than torch's setting
+        assert p.model_threads(6) == 2 and p.model_threads(8) == 1
+        seen = []
+        monkeypatch.setattr(predictor_module, "usable_cpus", lambda: 3)
+        for _ in p.iter_predict(expand_inputs(_test_files(tiny_run)[:2])):
+            seen.append(torch.get_num_threads())
+        assert seen == [2, 2] and torch.get_num_threads() == 4
+    finally:
+        torch.set_num_threads(threads)

@@ -8,6 +8,7 @@ DataLoader workers (`inputs.PageDataset`) while the model runs on the previous b
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,14 @@ from ecg_inception.inference.tta import tta_views
 
 #: A model as the Predictor runs it: normalised float batch [N, 3, H, W] -> probabilities [N, C].
 ProbabilityFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (the affinity mask), else os.cpu_count()."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -183,10 +192,35 @@ class Predictor:
         return self.forward(x).float().cpu().view(v, n, -1).mean(dim=0)
 
     # --------------------------------------------------------------------------------------- prediction
+    def model_threads(self, workers: int) -> int | None:
+        """Intra-op threads for the model while `workers` DataLoader workers preprocess (None: leave as is).
+
+        On the CPU, decode workers (one thread each) and the model share the cores: the model gets the cores
+        the workers leave, at least 1 and never more than torch's current setting, so that neither stage
+        stalls the other by oversubscription.
+        """
+        if self.device.type != "cpu" or workers == 0:
+            return None
+        return max(1, min(torch.get_num_threads(), usable_cpus() - workers))
+
     def iter_predict(self, expanded: ExpandedInputs, tta: bool | None = None) -> Iterator[Prediction]:
-        """One record per item of `expanded`, in order, as soon as its batch is done."""
+        """One record per item of `expanded`, in order, as soon as its batch is done.
+
+        With DataLoader workers on the CPU, torch's intra-op threads are lowered to `model_threads` while the
+        records are produced and restored when the iteration ends.
+        """
         use_tta = self.tta if tta is None else bool(tta)
-        for batch in self.loader(expanded):
+        loader = self.loader(expanded)
+        threads, previous = self.model_threads(loader.num_workers), torch.get_num_threads()
+        if threads is not None and threads != previous:
+            torch.set_num_threads(threads)
+        try:
+            yield from self._records(loader, expanded, use_tta)
+        finally:
+            torch.set_num_threads(previous)
+
+    def _records(self, loader: DataLoader, expanded: ExpandedInputs, use_tta: bool) -> Iterator[Prediction]:
+        for batch in loader:
             probs = self.probabilities(batch["images"], use_tta) if batch["images"] is not None else None
             row = {index: k for k, index in enumerate(batch["ok"])}
             for meta in batch["items"]:
