@@ -164,7 +164,6 @@ def _forward_fn(path: Path, fmt: str, device: torch.device) -> Any:
             arr = x.detach().float().cpu().contiguous().numpy()
             return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: arr})[0])
 
-        run_onnx.session = session  # type: ignore[attr-defined]
         return run_onnx
     module = torch.export.load(str(path)).module().to(device)
 
