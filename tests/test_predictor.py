@@ -177,22 +177,14 @@ def test_unknown_preprocessing_version_and_bad_temperature_are_refused(tiny_run:
         Predictor.from_checkpoint(tmp_path / "nan.ckpt", device="cpu")
 
 
-def test_workers_leave_the_model_the_remaining_cores_and_threads_are_restored(tiny_run: dict,
-                                                                              monkeypatch) -> None:
-    import ecg_inception.inference.predictor as predictor_module
-
-    p = Predictor.from_checkpoint(tiny_run["ckpt"], device="cpu", batch_size=1, num_workers=1)
-    monkeypatch.setattr(predictor_module, "usable_cpus", lambda: 8)
+def test_model_threads_apply_while_predicting_and_are_restored(tiny_run: dict) -> None:
+    p = Predictor.from_checkpoint(tiny_run["ckpt"], device="cpu", batch_size=1, num_workers=1, model_threads=2)
     threads = torch.get_num_threads()
-    torch.set_num_threads(4)
+    torch.set_num_threads(1)
     try:
-        assert p.model_threads(0) is None
-        assert p.model_threads(1) == 4  # never more than torch's setting
-        assert p.model_threads(6) == 2 and p.model_threads(8) == 1
-        seen = []
-        monkeypatch.setattr(predictor_module, "usable_cpus", lambda: 3)
-        for _ in p.iter_predict(expand_inputs(_test_files(tiny_run)[:2])):
-            seen.append(torch.get_num_threads())
-        assert seen == [2, 2] and torch.get_num_threads() == 4
+        seen = [torch.get_num_threads() for _ in p.iter_predict(expand_inputs(_test_files(tiny_run)[:2]))]
+        assert seen == [2, 2] and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="model_threads"):
+        Predictor(p.forward, p.labels, p.preprocessing, model_threads=0)

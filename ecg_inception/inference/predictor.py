@@ -8,7 +8,6 @@ DataLoader workers (`inputs.PageDataset`) while the model runs on the previous b
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,14 +31,6 @@ from ecg_inception.inference.tta import tta_views
 
 #: A model as the Predictor runs it: normalised float batch [N, 3, H, W] -> probabilities [N, C].
 ProbabilityFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (the affinity mask), else os.cpu_count()."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        return os.cpu_count() or 1
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -74,6 +65,9 @@ class Predictor:
         tta: Average the probabilities over whole-pixel shifted views (`inference.tta`) by default.
         temperature: The temperature `forward` applies (for information; `forward` applies it).
         source: The file the model came from.
+        model_threads: torch intra-op threads while predicting on the CPU (None: leave torch's setting). On 2
+            cores, 2 model threads beside 1-2 decode workers were faster than giving the model only the cores
+            the workers leave (docs/performance.md).
     """
 
     def __init__(
@@ -89,6 +83,7 @@ class Predictor:
         tta: bool = False,
         temperature: float = 1.0,
         source: str = "",
+        model_threads: int | None = None,
     ) -> None:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -96,6 +91,8 @@ class Predictor:
             raise ValueError(f"low_confidence must lie in [0, 1], got {low_confidence}")
         if num_workers is not None and int(num_workers) < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if model_threads is not None and int(model_threads) < 1:
+            raise ValueError(f"model_threads must be >= 1, got {model_threads}")
         self.forward = forward
         self.labels = list(labels)
         self.preprocessing = check_preprocessing(preprocessing, source or "preprocessing")
@@ -106,6 +103,7 @@ class Predictor:
         self.tta = bool(tta)
         self.temperature = float(temperature)
         self.source = source
+        self.model_threads = None if model_threads is None else int(model_threads)
         self.normalize = Normalize(self.preprocessing["mean"], self.preprocessing["std"])
         #: The EcgClassifier behind `forward` (None for an exported model).
         self.model: Any = None
@@ -119,6 +117,7 @@ class Predictor:
         num_workers: int | None = None,
         low_confidence: float = DEFAULT_LOW_CONFIDENCE,
         tta: bool = False,
+        model_threads: int | None = None,
     ) -> Predictor:
         """A Predictor around the EcgClassifier of a checkpoint (offline, `weights_only=True`).
 
@@ -129,6 +128,7 @@ class Predictor:
             num_workers: DataLoader workers (see the class).
             low_confidence: Top-probability threshold of the `low_confidence` flag.
             tta: Shifted-view test-time augmentation by default.
+            model_threads: torch intra-op threads while predicting on the CPU (None: torch's setting).
 
         Returns:
             The Predictor.
@@ -146,7 +146,7 @@ class Predictor:
 
         predictor = cls(forward, model.labels, model.hparams["preprocessing"], device=dev, batch_size=batch_size,
                         num_workers=num_workers, low_confidence=low_confidence, tta=tta,
-                        temperature=model.temperature, source=str(path))  # fmt: skip
+                        temperature=model.temperature, source=str(path), model_threads=model_threads)  # fmt: skip
         predictor.model = model
         return predictor
 
@@ -192,27 +192,16 @@ class Predictor:
         return self.forward(x).float().cpu().view(v, n, -1).mean(dim=0)
 
     # --------------------------------------------------------------------------------------- prediction
-    def model_threads(self, workers: int) -> int | None:
-        """Intra-op threads for the model while `workers` DataLoader workers preprocess (None: leave as is).
-
-        On the CPU, decode workers (one thread each) and the model share the cores: the model gets the cores
-        the workers leave, at least 1 and never more than torch's current setting, so that neither stage
-        stalls the other by oversubscription.
-        """
-        if self.device.type != "cpu" or workers == 0:
-            return None
-        return max(1, min(torch.get_num_threads(), usable_cpus() - workers))
-
     def iter_predict(self, expanded: ExpandedInputs, tta: bool | None = None) -> Iterator[Prediction]:
         """One record per item of `expanded`, in order, as soon as its batch is done.
 
-        With DataLoader workers on the CPU, torch's intra-op threads are lowered to `model_threads` while the
-        records are produced and restored when the iteration ends.
+        With `model_threads` set (CPU only), torch's intra-op threads are set to it while the records are
+        produced and restored when the iteration ends.
         """
         use_tta = self.tta if tta is None else bool(tta)
         loader = self.loader(expanded)
-        threads, previous = self.model_threads(loader.num_workers), torch.get_num_threads()
-        if threads is not None and threads != previous:
+        threads, previous = self.model_threads, torch.get_num_threads()
+        if threads is not None and self.device.type == "cpu" and threads != previous:
             torch.set_num_threads(threads)
         try:
             yield from self._records(loader, expanded, use_tta)
