@@ -39,8 +39,8 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Lightning's advice on eval-mode / unused hparams
             model = EcgClassifier.from_checkpoint(str(path), map_location=map_location, weights_only=True)
-    except CheckpointError:
-        raise
+    except CheckpointError as exc:  # raised inside loading, where the file name is not known
+        raise CheckpointError(path, exc.reason) from exc
     except pickle.UnpicklingError as exc:
         raise CheckpointError(path, f"refused by torch.load(weights_only=True): {_first_line(exc)}") from exc
     except (PretrainedWeightsError, ConfigValueError) as exc:
