@@ -28,6 +28,7 @@ from ecg_inception.data.cache import (
     file_sha256,
     log_rebuilt,
 )
+from ecg_inception.data.pages import preprocess_with
 from ecg_inception.data.split import (
     SPLITS,
     Manifest,
@@ -44,7 +45,6 @@ from ecg_inception.data.transforms import (
     Normalize,
     build_train_augment,
     parse_image_size,
-    preprocess,
     resolve_data_config,
     size_value,
 )
@@ -152,8 +152,7 @@ class EcgImageDataset(Dataset):
             )
 
         def build() -> torch.Tensor:
-            s = settings
-            return preprocess(open_rgb(path), s.box, s.size, s.resize, s.interpolation, s.ink)
+            return preprocess_with(open_rgb(path), settings)
 
         return self.cache.get(path, settings, build) if self.cache is not None else build()
 

@@ -28,6 +28,7 @@ from ecg_inception.data.settings import check_preprocessing
 from ecg_inception.data.transforms import parse_image_size
 from ecg_inception.errors import CheckpointError, ConfigValueError, EcgInceptionError, PretrainedWeightsError
 from ecg_inception.models.backbone import create_backbone, head_names
+from ecg_inception.models.calibration import check_temperature
 from ecg_inception.models.checkpoint import load_checkpoint
 from ecg_inception.models.freezing import (
     GradualUnfreeze,
@@ -97,6 +98,7 @@ class EcgClassifier(pl.LightningModule):
     {"schedule": {epoch: blocks}, "lr_factor": 0.1}. `optimizer`/`scheduler`: a callable taking params /
     the optimizer (Hydra `_partial_: true`), or a plain dict {"name": "sgd", "lr": 0.01, ...}; scheduler dicts
     may add "interval", "frequency" and "monitor". `preprocessing` and `labels` ride along in the checkpoint.
+    `calibrate`: fit a temperature on the validation split after fit (`training.train`; models/calibration.py).
     """
 
     def __init__(
@@ -121,6 +123,7 @@ class EcgClassifier(pl.LightningModule):
         trunk_cache: bool | str | None = "auto",
         trunk_cache_views: int | None = None,
         trunk_cache_verify: str = "stat",
+        calibrate: bool = True,
     ) -> None:
         super().__init__()
         labels, unfreeze, gradual_unfreeze = to_plain(labels), to_plain(unfreeze), to_plain(gradual_unfreeze)
@@ -175,6 +178,12 @@ class EcgClassifier(pl.LightningModule):
         # Saved as checkpoint["val_acc_best"] (on_save_checkpoint), so that a resume keeps the best so far.
         self.val_acc_best = MaxMetric()
         self.last_reports: dict[str, dict[str, Any]] = {}
+        #: Temperature T of `calibrated_probabilities` (softmax(logits / T)); fitted on val after fit (see
+        #: models.calibration) and saved in checkpoints as their top-level "temperature" entry; 1.0 = unscaled.
+        self.temperature = 1.0
+        #: (logits, targets) of the last val/test epoch on this rank, for calibration.
+        self.last_logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._epoch_logits: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
         self._weights_from_checkpoint = False
         #: Set by models.trunk_cache.maybe_use_trunk_cache: batches may then be cached trunk features.
         self.trunk_split: TrunkSplit | None = None
@@ -325,6 +334,7 @@ class EcgClassifier(pl.LightningModule):
         # The plain (unsmoothed, unweighted) NLL, comparable across runs whatever the training objective.
         self.eval_loss[stage].update(F.cross_entropy(logits, y), weight=len(y))
         self.eval_metrics[stage].update(logits.softmax(dim=1), y)
+        self._epoch_logits[stage].append((logits.detach().float().cpu(), y.detach().cpu()))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Accumulate validation metrics on the main logits."""
@@ -334,12 +344,19 @@ class EcgClassifier(pl.LightningModule):
         """Accumulate test metrics on the main logits."""
         self._eval_step(batch, "test")
 
+    def calibrated_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """softmax(logits / temperature): the probabilities prediction and export report."""
+        return (logits / self.temperature).softmax(dim=1)
+
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        """Class probabilities (N, num_classes)."""
+        """Class probabilities (N, num_classes), temperature-scaled."""
         x, _ = self._unpack(batch)
-        return self(x).softmax(dim=1)
+        return self.calibrated_probabilities(self(x))
 
     def _finish(self, stage: str) -> dict[str, Any] | None:
+        collected, self._epoch_logits[stage] = self._epoch_logits[stage], []
+        if collected:
+            self.last_logits[stage] = (torch.cat([z for z, _ in collected]), torch.cat([t for _, t in collected]))
         metrics, loss = self.eval_metrics[stage], self.eval_loss[stage]
         if not metrics["confusion_matrix"].update_called:
             return None
@@ -425,7 +442,8 @@ class EcgClassifier(pl.LightningModule):
                 )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint for another class count before any weights are copied; restore `val_acc_best`.
+        """Refuse a checkpoint for another class count before any weights are copied; restore `val_acc_best`
+        and the temperature (missing: 1.0).
 
         The best validation accuracy so far (`val/acc_best`, what sweeps optimise) lives outside the state dict,
         so that the state dict holds weights only (fine-tuning loads it as `pretrained_file`). A checkpoint
@@ -438,12 +456,18 @@ class EcgClassifier(pl.LightningModule):
             if isinstance(best, bool) or not isinstance(best, (int, float)) or not math.isfinite(best):
                 raise CheckpointError("checkpoint", f"{VAL_ACC_BEST_KEY} is not a finite number: {best!r}")
             self.val_acc_best.update(torch.tensor(float(best)))
+        try:
+            self.temperature = check_temperature(checkpoint.get("temperature", 1.0), "temperature")
+        except ValueError as exc:
+            raise CheckpointError("checkpoint", str(exc)) from exc
         self._weights_from_checkpoint = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the best validation accuracy so far as a plain float (None before any validation epoch)."""
+        """Store the best validation accuracy so far as a plain float (None before any validation epoch), and the
+        temperature."""
         metric = self.val_acc_best
         checkpoint[VAL_ACC_BEST_KEY] = float(metric.max_value) if metric.update_called else None
+        checkpoint["temperature"] = float(self.temperature)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """torch's load_state_dict with a clear error for another class count."""
