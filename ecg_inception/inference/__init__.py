@@ -1,0 +1,1 @@
+"""The inference room: prediction, export and explanation (Grad-CAM, lead shares) of trained checkpoints."""
