@@ -107,8 +107,12 @@ def test_blob_peak_maps_back_inside_the_blob(one_thread: None, arch: str, size: 
               < g.content[1] + g.content[3]]  # rows centred on the page, not on a letterbox bar
     i, j = inside[-1], tl.grid.shape[1] - 2
     v, u = tl.grid.cell_centre(i, j)
-    cx, cy = (float(c) for c in g.input_to_page(u, v))
-    radius = 0.5 * min(tl.grid.stride) * box.height / g.content[3]  # half a cell, in page pixels
+    # to page pixels without the geometry under test: where preprocess puts a black crop, then the box
+    dark = preprocess(Image.new("RGB", (w, h), (0, 0, 0)), box, size, resize, "nearest").numpy()[0] < 128
+    rows, cols = np.nonzero(dark)
+    cl, ct, cw, ch = cols.min(), rows.min(), cols.max() + 1 - cols.min(), rows.max() + 1 - rows.min()
+    cx, cy = box.left + (u - cl) / cw * box.width, box.top + (v - ct) / ch * box.height
+    radius = 0.5 * min(tl.grid.stride) * box.height / ch  # half a cell, in page pixels
     page = Image.new("RGB", (w, h), (255, 255, 255))
     ImageDraw.Draw(page).ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=(0, 0, 0))
     # mean 1, std -1: ink -> 1, paper and letterbox bars -> 0, so the dark blob is the only signal
