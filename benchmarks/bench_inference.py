@@ -1,13 +1,20 @@
-"""CPU inference (and one training step): eager fp32 NCHW vs channels_last, EcgClassifier around inception_v3.
+"""CPU inference (and one training step): eager fp32 NCHW vs channels_last vs ONNX Runtime, inception_v3.
 
 Inference: images/s at 299 px, batch 16, eval mode, aux on (forward returns the main logits), for four
-variants: NCHW or channels_last (`EcgClassifier(channels_last=True)`: the weights and every input batch in
-channels_last), each under `torch.no_grad()` and `torch.inference_mode()`. All four models carry the same
-weights; their outputs are compared before timing. Training: one full fine-tune step (all blocks train,
-Adam, CE + 0.4 x aux CE) at batch 8, NCHW vs channels_last, so the CPU default for training can follow the
-figure. Variants alternate within each round; figures are the median batch (step) time over all rounds.
-ONNX Runtime is not measured: the library has no ONNX export yet. `--cpu-bf16` adds a bf16-autocast
-inference variant, to check what bf16 costs on a CPU without native bf16.
+eager variants: NCHW or channels_last (`EcgClassifier(channels_last=True)`: the weights and every input batch
+in channels_last), each under `torch.no_grad()` and `torch.inference_mode()`, and ONNX Runtime (CPU provider,
+as many intra-op threads as torch) running the model exported by `inference.export` (softmax with T = 1 on
+top). All models carry the same weights; their outputs are compared before timing. Training: one full
+fine-tune step (all blocks train, Adam, CE + 0.4 x aux CE) at batch 8, NCHW vs channels_last, so the CPU
+default for training can follow the figure. Variants alternate within each round; figures are the median
+batch (step) time over all rounds. `--cpu-bf16` adds a bf16-autocast inference variant, to check what bf16
+costs on a CPU without native bf16.
+
+Folder level (`--folder-pages N`, 0 skips it): N synthetic full-size pages (`--folder-scale`, 1.0 = the
+original 2213 x 1572) are predicted by a `Predictor` with 0, 1 and 2 DataLoader workers. The two stage costs
+are measured in the same run: t_prep (decode, crop detection, resize of one page, one thread) and t_model
+(1 / the channels_last inference_mode rate); with both stages sharing the cores the bound is
+cores / (t_prep + cores x t_model), and the goal is 0.8 of it.
 
     python benchmarks/bench_inference.py
     python benchmarks/bench_inference.py --rounds 5 --iters 2 --train-rounds 4 --json inference.json
@@ -19,6 +26,8 @@ import argparse
 import contextlib
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from _common import (
@@ -34,11 +43,14 @@ from _common import (
     save_json,
     spread,
     start_cpu_benchmark,
+    usable_cores,
 )
 
 from ecg_inception.models.module import EcgClassifier
 
 TARGET_SPEEDUP = 1.4  # channels_last vs eager fp32 NCHW, inference (8.5 vs 12.4 img/s measured here before)
+TARGET_ORT = 1.2  # ONNX Runtime vs channels_last eager (no_grad)
+TARGET_FOLDER = 0.8  # folder throughput / two-stage bound
 NUM_CLASSES = 4
 
 
@@ -84,6 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-rounds", type=int, default=3, help="0 skips the training comparison")
     parser.add_argument("--train-iters", type=int, default=1, help="timed steps per variant and round")
     parser.add_argument("--aux", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+                        help="export to ONNX and time onnxruntime beside the eager variants")
+    parser.add_argument("--folder-pages", type=int, default=24, help="folder-level pages (0: skip that part)")
+    parser.add_argument("--folder-scale", type=float, default=1.0, help="synthetic page scale (1.0: full size)")
+    parser.add_argument("--folder-batch-size", type=int, default=8)
     parser.add_argument("--cpu-bf16", action="store_true",
                         help="add a bf16-autocast inference variant (very slow on CPUs without native bf16)")
     add_threads_arg(parser)
@@ -129,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
             return stack
 
         variants["bf16 autocast, channels_last, inference_mode"] = infer(cl, bf16_inference)
+    ort_diff = None
+    if args.onnx:
+        ort_call, ort_diff = onnx_variant(cl, x, args)
+        variants["onnxruntime (CPU EP)"] = ort_call
     print(f"warm-up : {args.warmup} batch(es) per variant (untimed)", flush=True)
     for fn in variants.values():
         for _ in range(args.warmup):
@@ -143,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                 ("inference variant", "img/s", "s/batch median (min..max)", "vs baseline"))
     figures["inference_s_per_batch"] = times
     figures["inference_img_s"] = rates
+    folder = folder_throughput(cl, args, rates["channels_last, inference_mode"]) if args.folder_pages else None
+    figures["folder"] = folder
     del nchw, cl
 
     # ----------------------------------------------------------------------------------------- training
@@ -193,8 +216,28 @@ def main(argv: list[str] | None = None) -> int:
                                                 round_rates(times, "fp32 NCHW, no_grad (eager baseline)", args))),
         Check("speed-up channels_last + inference_mode / eager", rates["channels_last, inference_mode"] / base,
               unit="x"),
-        Check("ONNX Runtime", None, note="n/a (no export yet)"),
     ]
+    ort_name = "onnxruntime (CPU EP)"
+    if ort_name in rates:
+        checks += [
+            Check("ONNX Runtime", rates[ort_name], unit=" img/s", note=f"max |p - p_eager| {ort_diff:.1e}"),
+            Check("speed-up ONNX Runtime / channels_last (no_grad)", rates[ort_name] / rates["channels_last, no_grad"],
+                  TARGET_ORT, unit="x", note="per round " + paired_ratios(
+                      round_rates(times, ort_name, args), round_rates(times, "channels_last, no_grad", args))),
+        ]
+    if folder:
+        checks += [
+            Check("t_prep (decode + crop + resize, 1 page)", folder["t_prep_s"] * 1000, unit=" ms",
+                  note=f"{folder['page_size']} px pages"),
+            Check("t_model (channels_last, inference_mode)", folder["t_model_s"] * 1000, unit=" ms"),
+            Check("two-stage bound", folder["bound_img_s"], unit=" img/s",
+                  note=f"{folder['cores']} / (t_prep + {folder['cores']} t_model)"),
+        ]
+        for workers, rate in folder["img_s"].items():
+            checks.append(Check(f"folder, {workers} worker(s)", rate, unit=" img/s"))
+        best = max(folder["img_s"], key=folder["img_s"].get)
+        checks.append(Check("folder best / bound", folder["img_s"][best] / folder["bound_img_s"], TARGET_FOLDER,
+                            unit="x", note=f"{best} worker(s)"))
     bf16_name = "bf16 autocast, channels_last, inference_mode"
     if bf16_name in rates:
         native = "native bf16" if info["cpu_native_bf16"] else "NO native bf16 on this CPU"
@@ -214,6 +257,93 @@ def main(argv: list[str] | None = None) -> int:
     figures["max_rel_logit_diff"] = diff
     save_json(args.json, "bench_inference", info, args, figures, checks)
     return 0
+
+
+def onnx_variant(model: EcgClassifier, x: torch.Tensor, args: argparse.Namespace
+                 ) -> tuple[Callable[[], None], float]:
+    """Export `model` (softmax, T = 1) with the library's exporter code path; a timed call and its parity."""
+    import tempfile
+    import warnings
+
+    import onnxruntime as ort
+
+    from ecg_inception.inference.export import INPUT_NAME, OUTPUT_NAME, ProbabilityModel
+
+    wrapper = ProbabilityModel(model).eval()
+    path = Path(tempfile.mkdtemp(prefix="bench_onnx_")) / "model.onnx"
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, (x[:2],), str(path), dynamo=True, verbose=False, external_data=False,
+                          dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    arr = x.numpy()
+    with torch.inference_mode():
+        diff = float(abs(session.run([OUTPUT_NAME], {INPUT_NAME: arr})[0] - wrapper(x).numpy()).max())
+    print(f"onnx    : exported in {time.perf_counter() - start:.1f} s; onnxruntime {ort.__version__}, "
+          f"{options.intra_op_num_threads} intra-op threads; max |p_ort - p_eager| {diff:.1e}", flush=True)
+
+    def call() -> None:
+        session.run([OUTPUT_NAME], {INPUT_NAME: arr})
+    return call, diff
+
+
+def folder_throughput(model: EcgClassifier, args: argparse.Namespace, model_rate: float) -> dict[str, Any]:
+    """Predictor over a folder of synthetic pages with 0/1/2 workers, against the two-stage bound."""
+    import tempfile
+
+    from ecg_inception.data.transforms import resolve_data_config
+    from ecg_inception.inference.inputs import PageDataset, expand_inputs
+    from ecg_inception.inference.predictor import Predictor
+    from ecg_inception.synthetic.generate import generate_dataset
+
+    root = Path(tempfile.mkdtemp(prefix="bench_folder_"))
+    per_class = max(1, -(-args.folder_pages // 4))
+    generate_dataset(root, per_class=per_class, seed=0, duplicates=0, scale=args.folder_scale)
+    cfg = resolve_data_config("inception_v3", args.size)
+    prep = {"model_name": "inception_v3", "size": args.size, "mean": list(cfg.mean), "std": list(cfg.std),
+            "interpolation": cfg.interpolation, "resize": "squash", "crop": True, "ink": False}
+    items = expand_inputs(root).items[:args.folder_pages]
+    pages = PageDataset(items, prep)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    prep_times = [time_one(lambda i=i: pages._item(i)) for i in range(len(items))]
+    torch.set_num_threads(threads)
+    t_prep, t_model = median(prep_times), 1.0 / model_rate
+    cores = usable_cores()
+    bound = cores / (t_prep + cores * t_model)
+    from PIL import Image
+
+    with Image.open(items[0].source) as im:
+        page_size = f"{im.width}x{im.height}"
+    print(f"folder  : {len(items)} pages of {page_size} px; t_prep {t_prep * 1000:.0f} ms/page "
+          f"(min..max {spread([t * 1000 for t in prep_times])} ms), t_model {t_model * 1000:.0f} ms/img; "
+          f"bound {bound:.2f} img/s", flush=True)
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        return model.calibrated_probabilities(model(batch))
+
+    rates: dict[str, float] = {}
+    for workers in (0, 1, 2):
+        predictor = Predictor(forward, [str(i) for i in range(NUM_CLASSES)], prep, batch_size=args.folder_batch_size,
+                              num_workers=workers)
+        start = time.perf_counter()
+        records = predictor.predict([item.source for item in items])
+        elapsed = time.perf_counter() - start
+        rates[str(workers)] = len(items) / elapsed
+        assert all(r.ok for r in records)
+        print(f"  folder, {workers} worker(s): {rates[str(workers)]:.2f} img/s (load {load_average()})", flush=True)
+    return {"pages": len(items), "page_size": page_size, "t_prep_s": t_prep, "t_model_s": t_model, "cores": cores,
+            "bound_img_s": bound, "img_s": rates, "prep_times_s": prep_times}
+
+
+def time_one(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":

@@ -5,16 +5,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["EcgClassifier", "EcgDataModule", "__version__", "train"]
+__all__ = ["EcgClassifier", "EcgDataModule", "Predictor", "__version__", "train"]
 
 if TYPE_CHECKING:
     from ecg_inception.data.datamodule import EcgDataModule
+    from ecg_inception.inference.predictor import Predictor
     from ecg_inception.models.module import EcgClassifier
     from ecg_inception.training import train
 
 _LAZY = {
     "EcgDataModule": "ecg_inception.data.datamodule",
     "EcgClassifier": "ecg_inception.models.module",
+    "Predictor": "ecg_inception.inference.predictor",
     "train": "ecg_inception.training",
 }
 

@@ -1,4 +1,4 @@
-"""Run reports: metrics.json, a confusion-matrix plot and training curves."""
+"""Run reports: metrics.json, a confusion-matrix plot, a reliability diagram and training curves."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 METRICS_FILE = "metrics.json"
 CONFUSION_FILE = "confusion_matrix.png"
 CURVES_FILE = "training_curves.png"
+RELIABILITY_FILE = "reliability.png"
 
 
 class MetricsHistory(pl.Callback):
@@ -120,13 +121,48 @@ def plot_curves(rows: Sequence[Mapping[str, float]], path: str | Path) -> Path |
     return path
 
 
+def plot_reliability(calibration: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
+    """Reliability diagram: accuracy against mean confidence per bin, before and after temperature scaling.
+
+    `calibration` is a split's `calibration` entry of metrics.json (models.calibration.calibration_report).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.2, 4.0), dpi=100)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+    t = calibration.get("temperature", 1.0)
+    for key, name in (("before", "T = 1"), ("after", f"T = {t:.2f}")):
+        bins = [b for b in calibration["reliability"][key] if b["count"]]
+        ece = calibration.get(f"ece_{key}")
+        label = f"{name} (ECE {ece:.3f})" if ece is not None else name
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", markersize=4,
+                label=label)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def write_report(
     out_dir: str | Path,
     metrics: Mapping[str, Any],
     history: Sequence[Mapping[str, float]] = (),
     plots: bool = True,
 ) -> dict[str, Path]:
-    """Write metrics.json and, with `plots`, the confusion matrix (test, else val) and training curves."""
+    """Write metrics.json and, with `plots`, the confusion matrix and reliability diagram (test, else val) and
+    training curves."""
     out_dir = Path(out_dir)
     written = {"metrics": write_metrics(out_dir / METRICS_FILE, metrics)}
     if not plots:
@@ -138,6 +174,13 @@ def write_report(
             title = f"{stage} ({metrics.get('protocol', '?')}{', LEAKY' if metrics.get('leaky') else ''})"
             written["confusion_matrix"] = plot_confusion_matrix(
                 stage_metrics["confusion_matrix"], labels, out_dir / CONFUSION_FILE, title=title
+            )
+            break
+    for stage in ("test", "val"):
+        calibration = (metrics.get(stage) or {}).get("calibration")
+        if calibration:
+            written["reliability"] = plot_reliability(
+                calibration, out_dir / RELIABILITY_FILE, title=f"{stage}: reliability (15 bins)"
             )
             break
     curves = plot_curves(history, out_dir / CURVES_FILE)

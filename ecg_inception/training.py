@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
@@ -24,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from ecg_inception.callbacks import BestWeights
 from ecg_inception.data.datamodule import EcgDataModule
 from ecg_inception.models.backbone import check_pretrained_available
+from ecg_inception.models.calibration import calibration_report, fit_temperature
 from ecg_inception.models.module import EcgClassifier
 from ecg_inception.models.trunk_cache import TrunkCachedDataModule, maybe_use_trunk_cache
 from ecg_inception.report import MetricsHistory, write_report
@@ -148,6 +151,50 @@ def _scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 0)() == 1}
 
 
+def store_temperature(path: str | Path, temperature: float) -> None:
+    """Write `temperature` into the checkpoint at `path` as its top-level "temperature" entry, atomically.
+
+    The file is rewritten beside itself and renamed over the original, so a reader never sees half a file.
+    """
+    path = Path(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint["temperature"] = float(temperature)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def calibrate_model(model: EcgClassifier, best_checkpoint: str | None) -> float:
+    """Fit the temperature on the val logits of the last validation (the best weights) and keep it.
+
+    It is set on `model` and written into the best checkpoint (`store_temperature`), which ModelCheckpoint wrote
+    before any temperature existed; `Predictor` and the exports read it from there.
+    """
+    if "val" not in model.last_logits:
+        log.warning("no validation logits: the temperature stays %.3f", model.temperature)
+        return model.temperature
+    model.temperature = fit_temperature(*model.last_logits["val"])
+    log.info("Temperature scaling: T = %.4f (fitted on val)", model.temperature)
+    if best_checkpoint and Path(best_checkpoint).is_file():
+        try:
+            store_temperature(best_checkpoint, model.temperature)
+        except Exception as exc:  # noqa: BLE001 - a finished fit must not be lost over the temperature
+            log.error("could not write the temperature into %s (%s: %s): predictions from that file use T = 1",
+                      best_checkpoint, type(exc).__name__, exc)
+    return model.temperature
+
+
+def _with_calibration(model: EcgClassifier, split: str) -> dict[str, Any] | None:
+    """The split's report plus ECE/NLL before and after temperature scaling (`calibration`)."""
+    report = model.last_reports.get(split)
+    if report is None or split not in model.last_logits:
+        return report
+    return {**report, "calibration": calibration_report(*model.last_logits[split], model.temperature)}
+
+
 def get_metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
     """The value a sweeper optimises, from the logged scalars of a run; a missing name is an error."""
     if not name:
@@ -203,6 +250,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     logged = _scalar_metrics(trainer)
     best, eval_ckpt = _best_checkpoint(callbacks)
     trainer.validate(model=model, datamodule=loaders, ckpt_path=eval_ckpt, verbose=False)
+    if cfg.get("train", True) and model.hparams.get("calibrate", True):
+        calibrate_model(model, best)
     if cfg.get("test", True):
         trainer.test(model=model, datamodule=loaders, ckpt_path=eval_ckpt, verbose=False)
     logged.update({k: v for k, v in _scalar_metrics(trainer).items() if k.startswith("test/")})
@@ -217,8 +266,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "best_checkpoint": best,
         "epochs": int(trainer.current_epoch),
         "wall_time_s": round(time.perf_counter() - started, 2),
-        "val": model.last_reports.get("val"),
-        "test": model.last_reports.get("test"),
+        "val": _with_calibration(model, "val"),
+        "test": _with_calibration(model, "test"),
         "logged": logged,
         "trunk_cache": loaders.summary() if isinstance(loaders, TrunkCachedDataModule) else None,
     }
@@ -297,7 +346,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "counts": manifest.counts(),
     }
     for split in splits:
-        metrics[split] = model.last_reports.get(split)
+        metrics[split] = _with_calibration(model, split)
     write_report(output_dir, metrics, plots=bool(cfg.get("plots", True)))
     log.info("Report written to %s", output_dir)
     return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}

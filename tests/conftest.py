@@ -38,3 +38,38 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny model trained by `train()` on the synthetic set (75 px, batch 2, 2 epochs, one thread), calibrated.
+
+    Returns a dict: `ckpt` (best checkpoint path), `run` (run dir), `metrics`, `objects` (of `train`).
+    """
+    import torch
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ecg_inception.training import train
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    overrides = [
+        f"data.root={synthetic_root}", "data.image_size=75", "data.batch_size=2", "data.num_workers=0",
+        f"paths.cache_dir={tmp / 'cache'}", f"paths.log_dir={tmp / 'logs'}", f"paths.output_dir={tmp / 'run'}",
+        "model.pretrained=false", "model.aux_logits=false", "model/unfreeze=all", "trainer.max_epochs=2",
+        "callbacks.rich_progress_bar=null", "+trainer.enable_model_summary=false",
+        "+trainer.enable_progress_bar=false",
+        # Best by val loss: with BatchNorm statistics still moving, the later epoch has far saner logits.
+        "callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=min",
+    ]  # fmt: skip
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_module(config_module="ecg_inception.conf", version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides)
+        metrics, objects = train(cfg)
+    finally:
+        torch.set_num_threads(threads)
+        GlobalHydra.instance().clear()
+    return {"ckpt": Path(metrics["best_checkpoint"]), "run": tmp / "run", "metrics": metrics, "objects": objects}

@@ -26,6 +26,7 @@ from ecg_inception.data.cache import (
     default_cache_dir,
     file_sha256,
 )
+from ecg_inception.data.pages import preprocess_with
 from ecg_inception.data.split import (
     SPLITS,
     Manifest,
@@ -42,7 +43,6 @@ from ecg_inception.data.transforms import (
     Normalize,
     build_train_augment,
     parse_image_size,
-    preprocess,
     resolve_data_config,
     size_value,
 )
@@ -150,8 +150,7 @@ class EcgImageDataset(Dataset):
             )
 
         def build() -> torch.Tensor:
-            s = settings
-            return preprocess(open_rgb(path), s.box, s.size, s.resize, s.interpolation, s.ink)
+            return preprocess_with(open_rgb(path), settings)
 
         return self.cache.get(path, settings, build) if self.cache is not None else build()
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL import ImageFile as PilImageFile
 
 from ecg_inception.data.labels import label_for_folder, order_labels
@@ -30,6 +30,7 @@ from ecg_inception.errors import DatasetError, UnreadableImageError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
 
 _TRUNCATION_LOCK = threading.Lock()
+EXIF_ORIENTATION = 0x0112  # the EXIF tag of the orientation (1 = upright)
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ def decode_rgb(data: bytes, path: str | Path = "<bytes>") -> tuple[Image.Image, 
             with Image.open(io.BytesIO(data)) as img:
                 img.load()
                 mode = img.mode
-                rgb = to_rgb(img)
+                rgb = to_rgb(upright(img))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise UnreadableImageError(path, f"decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
@@ -208,6 +209,21 @@ def _strict_loading() -> Iterator[None]:
             yield
         finally:
             PilImageFile.LOAD_TRUNCATED_IMAGES = True
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """`img` turned as its EXIF orientation tag says (phone photos of printouts carry one); unchanged without it.
+
+    Applied in `decode_rgb`, the one decode step of the audit, the datasets and prediction, so that crop
+    boxes, sizes and model inputs all refer to the upright page.
+    """
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, ValueError, TypeError, SyntaxError):  # unparsable EXIF: keep the pixels as stored
+        return img
+    if orientation in (None, 1):
+        return img
+    return ImageOps.exif_transpose(img)
 
 
 def open_rgb(path: str | Path) -> Image.Image:

@@ -24,6 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ecg_inception.data.transforms import parse_image_size
 from ecg_inception.errors import PretrainedWeightsError
 from ecg_inception.models.backbone import create_backbone, head_names
+from ecg_inception.models.calibration import check_temperature
 from ecg_inception.models.freezing import (
     GradualUnfreeze,
     apply_unfreeze,
@@ -116,6 +117,7 @@ class EcgClassifier(pl.LightningModule):
     {"schedule": {epoch: blocks}, "lr_factor": 0.1}. `optimizer`/`scheduler`: a callable taking params /
     the optimizer (Hydra `_partial_: true`), or a plain dict {"name": "sgd", "lr": 0.01, ...}; scheduler dicts
     may add "interval", "frequency" and "monitor". `preprocessing` and `labels` ride along in the checkpoint.
+    `calibrate`: fit a temperature on the validation split after fit (`training.train`; models/calibration.py).
     """
 
     def __init__(
@@ -139,6 +141,7 @@ class EcgClassifier(pl.LightningModule):
         compile: bool | dict[str, Any] = False,
         trunk_cache: bool | str | None = "auto",
         trunk_cache_views: int | None = None,
+        calibrate: bool = True,
     ) -> None:
         super().__init__()
         labels, unfreeze, gradual_unfreeze = to_plain(labels), to_plain(unfreeze), to_plain(gradual_unfreeze)
@@ -187,6 +190,12 @@ class EcgClassifier(pl.LightningModule):
         self.eval_loss = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
         self.val_acc_best = MaxMetric()
         self.last_reports: dict[str, dict[str, Any]] = {}
+        #: Temperature T of `calibrated_probabilities` (softmax(logits / T)); fitted on val after fit (see
+        #: models.calibration) and saved in checkpoints as their top-level "temperature" entry; 1.0 = unscaled.
+        self.temperature = 1.0
+        #: (logits, targets) of the last val/test epoch on this rank, for calibration.
+        self.last_logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._epoch_logits: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
         self._weights_from_checkpoint = False
         #: Set by models.trunk_cache.maybe_use_trunk_cache: batches may then be cached trunk features.
         self.trunk_split: TrunkSplit | None = None
@@ -260,6 +269,7 @@ class EcgClassifier(pl.LightningModule):
         # The plain (unsmoothed, unweighted) NLL, comparable across runs whatever the training objective.
         self.eval_loss[stage].update(F.cross_entropy(logits, y), weight=len(y))
         self.eval_metrics[stage].update(logits.softmax(dim=1), y)
+        self._epoch_logits[stage].append((logits.detach().float().cpu(), y.detach().cpu()))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         """Accumulate validation metrics on the main logits."""
@@ -269,12 +279,19 @@ class EcgClassifier(pl.LightningModule):
         """Accumulate test metrics on the main logits."""
         self._eval_step(batch, "test")
 
+    def calibrated_probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """softmax(logits / temperature): the probabilities prediction and export report."""
+        return (logits / self.temperature).softmax(dim=1)
+
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        """Class probabilities (N, num_classes)."""
+        """Class probabilities (N, num_classes), temperature-scaled."""
         x, _ = self._unpack(batch)
-        return self(x).softmax(dim=1)
+        return self.calibrated_probabilities(self(x))
 
     def _finish(self, stage: str) -> dict[str, Any] | None:
+        collected, self._epoch_logits[stage] = self._epoch_logits[stage], []
+        if collected:
+            self.last_logits[stage] = (torch.cat([z for z, _ in collected]), torch.cat([t for _, t in collected]))
         metrics, loss = self.eval_metrics[stage], self.eval_loss[stage]
         if not metrics["confusion_matrix"].update_called:
             return None
@@ -360,9 +377,14 @@ class EcgClassifier(pl.LightningModule):
                 )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint for another class count before any weights are copied."""
+        """Refuse a checkpoint for another class count before any weights are copied; read its temperature."""
         self._check_class_count(checkpoint.get("state_dict", {}), "the checkpoint")
+        self.temperature = check_temperature(checkpoint.get("temperature", 1.0), "the checkpoint")
         self._weights_from_checkpoint = True
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the temperature beside the weights."""
+        checkpoint["temperature"] = float(self.temperature)
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """torch's load_state_dict with a clear error for another class count."""

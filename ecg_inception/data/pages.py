@@ -1,0 +1,93 @@
+"""One page -> the model's uint8 input: the step `EcgImageDataset` applies to every file of a split, shared with
+prediction, which meets pages outside any manifest (and so detects their crop box itself).
+
+Also the version of that preprocessing, which checkpoints and export sidecars carry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ecg_inception.data.cache import PreprocessSettings
+from ecg_inception.data.crop import CropBox, detect_grid_box
+from ecg_inception.data.transforms import preprocess
+from ecg_inception.errors import ConfigValueError
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers -> plain Python values; anything else unchanged."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+#: Version of the preprocessing a checkpoint's `preprocessing` dict describes (a dict without "version" was
+#: written by version 1). Prediction refuses any version this code cannot reproduce.
+PREPROCESSING_VERSION = 1
+SUPPORTED_PREPROCESSING_VERSIONS = (1,)
+#: Keys a checkpoint's `preprocessing` dict must hold for prediction outside the training data.
+PREPROCESSING_KEYS = ("size", "mean", "std", "interpolation", "resize", "crop")
+
+
+def check_preprocessing(preprocessing: Mapping[str, Any] | None, source: str | Path) -> dict[str, Any]:
+    """A checkpoint's (or export sidecar's) `preprocessing` dict, checked: every key present, a known version.
+
+    Args:
+        preprocessing: The stored dict (None when the file has none).
+        source: The file it came from, named in errors.
+
+    Returns:
+        A plain copy of the dict.
+
+    Raises:
+        ConfigValueError: A key is missing or the version is not one this code can reproduce.
+    """
+    prep = dict(_plain(preprocessing) or {})
+    missing = [k for k in PREPROCESSING_KEYS if k not in prep]
+    if missing:
+        raise ConfigValueError(f"{source}: the stored preprocessing lacks {missing} (has {sorted(prep)})")
+    version = prep.get("version", 1)
+    if version not in SUPPORTED_PREPROCESSING_VERSIONS:
+        raise ConfigValueError(
+            f"{source}: preprocessing version {version!r} is not supported by this ecg_inception "
+            f"(supported: {list(SUPPORTED_PREPROCESSING_VERSIONS)}); predict with the version that trained it"
+        )
+    return prep
+
+
+def preprocess_with(img: Image.Image, settings: PreprocessSettings) -> torch.Tensor:
+    """One decoded page -> uint8 [3, H, W] under `settings`: the single step training, eval and prediction share."""
+    s = settings
+    return preprocess(img, s.box, s.size, s.resize, s.interpolation, s.ink)
+
+
+def preprocess_page(
+    img: Image.Image, preprocessing: Mapping[str, Any], box: CropBox | None = None
+) -> tuple[torch.Tensor, CropBox | None]:
+    """A page outside any manifest (prediction) -> (uint8 [3, H, W], the crop box used or None).
+
+    With crop on and no `box`, the box is detected as the audit detects it for the training split
+    (`detect_grid_box` on the decoded page); then the page goes through `preprocess_with`, as
+    `EcgImageDataset` sends every file of a split.
+
+    Args:
+        img: The decoded page (`data.scan.open_rgb` or any PIL image).
+        preprocessing: A checkpoint's `preprocessing` dict (see `check_preprocessing`).
+        box: A known crop box (None: detect it).
+
+    Returns:
+        The preprocessed uint8 image and the crop box (None when crop is off).
+    """
+    crop = bool(preprocessing["crop"])
+    if crop and box is None:
+        box = detect_grid_box(img if img.mode == "RGB" else img.convert("RGB"))
+    settings = PreprocessSettings(
+        preprocessing["size"], str(preprocessing["resize"]), str(preprocessing["interpolation"]), crop,
+        box if crop else None, bool(preprocessing.get("ink", False)),
+    )  # fmt: skip
+    return preprocess_with(img, settings), (box if crop else None)
