@@ -1,16 +1,17 @@
 """Explain predictions on the printout: Grad-CAM in page pixels and the share of it on each lead.
 
 `explain_pages(model, preprocessing, inputs)` is the whole pipeline for any classifier and its checkpoint's
-`preprocessing` dict: decode, crop-box detection and preprocessing as prediction does them, one forward and
-backward pass per batch (`cam.compute_cam`), the map carried back onto the page (`geometry`), lead shares
-(`leads`). `Predictor.explain` calls it with the Predictor's own model, preprocessing and temperature.
+`preprocessing` dict: the Predictor's input handling (`inputs.expand_inputs`, `decode_item`) and the training
+datasets' preprocessing (`data.pages.preprocess_page`), one forward and backward pass per batch
+(`cam.compute_cam`), the map carried back onto the page (`geometry`), lead shares (`leads`).
+`Predictor.explain` calls it with the Predictor's model, preprocessing, temperature and threshold. Explanations
+never use TTA: the map is of the one centre view the probabilities come from.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,30 +19,25 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ecg_inception.data.crop import CropBox, detect_grid_box
-from ecg_inception.data.scan import open_rgb
-from ecg_inception.data.transforms import Normalize, parse_image_size, preprocess
+from ecg_inception.data.crop import CropBox
+from ecg_inception.data.pages import preprocess_page
+from ecg_inception.data.transforms import Normalize, parse_image_size
 from ecg_inception.errors import UnreadableImageError
-from ecg_inception.inference.cam import choose_target_layer, compute_cam
+from ecg_inception.inference.cam import TargetLayer, choose_target_layer, compute_cam
 from ecg_inception.inference.geometry import InputGeometry, input_geometry, map_to_box, map_to_page
-from ecg_inception.inference.leads import LEAD_NAMES, lead_shares
-
-PageInput = str | Path | Image.Image
+from ecg_inception.inference.inputs import ExpandedInputs, InputItem, InputLike, decode_item, expand_inputs
+from ecg_inception.inference.leads import lead_shares
+from ecg_inception.inference.records import DEFAULT_LOW_CONFIDENCE, Prediction
 
 
 @dataclass
-class Explanation:
-    """One page's prediction and its explanation.
+class Explanation(Prediction):
+    """A `Prediction` record and its explanation.
 
     Attributes:
-        path: The file, or `#<index>` for an image passed in memory.
-        label: The predicted label (None when the page could not be read).
-        probabilities: label -> probability, in the model's label order.
-        crop_box: [left, top, right, bottom] in page pixels (None with crop off or on error).
-        crop_fallback: True when no ECG grid was found (the fixed fractional box was used).
-        error: None, or why the page could not be read.
         target: The label the map explains (the predicted one unless asked otherwise).
-        cam: Grad-CAM in page pixels (page height x width, 0 outside the crop box), scaled to a maximum of 1.
+        cam: Grad-CAM in page pixels (page height x width, 0 outside the crop box), scaled to a maximum of 1
+            (all 0 when the map has no positive value).
         lead_shares: lead -> share of the positive map mass on the 13 lead regions (sums to 1; all 0 when the
             map is zero on every lead).
         margin_share: Share of the box's map mass left of the traces (calibration pulses, border).
@@ -49,14 +45,8 @@ class Explanation:
         cam_size: (height, width) of the map at that layer, in feature cells.
     """
 
-    path: str
-    label: str | None = None
-    probabilities: dict[str, float] = field(default_factory=dict)
-    crop_box: list[int] | None = None
-    crop_fallback: bool = False
-    error: str | None = None
     target: str | None = None
-    cam: np.ndarray | None = None
+    cam: np.ndarray | None = field(default=None, repr=False)
     lead_shares: dict[str, float] = field(default_factory=dict)
     margin_share: float = 0.0
     cam_layer: str | None = None
@@ -69,16 +59,6 @@ class Explanation:
         if with_cam:
             out["cam"] = None if self.cam is None else self.cam.tolist()
         return out
-
-
-def _name(item: PageInput, index: int) -> str:
-    return str(item) if isinstance(item, (str, Path)) else f"#{index}"
-
-
-def _decode(item: PageInput) -> Image.Image:
-    if isinstance(item, Image.Image):
-        return item.convert("RGB") if item.mode != "RGB" else item
-    return open_rgb(item)
 
 
 def _resolve_target(target: str | int, labels: Sequence[str]) -> int | None:
@@ -96,122 +76,137 @@ def _resolve_target(target: str | int, labels: Sequence[str]) -> int | None:
 
 @dataclass
 class _Page:
-    index: int
     record: Explanation
+    page: Image.Image
     image: torch.Tensor
     geometry: InputGeometry
 
 
-def _prepare(item: PageInput, index: int, preprocessing: Mapping[str, Any]) -> _Page | Explanation:
-    """Decode, crop and preprocess one page as prediction does; an `Explanation` with the error if it fails."""
-    record = Explanation(path=_name(item, index))
+def _prepare(item: InputItem, preprocessing: Mapping[str, Any]) -> _Page | Explanation:
+    """Decode and preprocess one page as the Predictor's `PageDataset` does; a record with the error if it fails."""
     try:
-        img = _decode(item)
+        page = decode_item(item)
+        image, box = preprocess_page(page, preprocessing)
     except UnreadableImageError as exc:
-        record.error = exc.reason
-        return record
-    except OSError as exc:
-        record.error = f"cannot read: {exc}"
-        return record
-    box: CropBox | None = detect_grid_box(img) if preprocessing.get("crop", True) else None
-    size, resize = preprocessing["size"], str(preprocessing.get("resize", "squash"))
-    image = preprocess(img, box, size, resize, str(preprocessing.get("interpolation", "bicubic")),
-                       bool(preprocessing.get("ink", False)))  # fmt: skip
-    if box is not None:
-        record.crop_box, record.crop_fallback = box.as_list(), bool(box.fallback)
-    return _Page(index, record, image, input_geometry(img.size, box, size, resize))
+        return Explanation(path=item.name, error=exc.reason)
+    except (ValueError, OSError, MemoryError) as exc:
+        return Explanation(path=item.name, error=f"cannot preprocess: {type(exc).__name__}: {exc}")
+    record = Explanation(path=item.name)
+    crop: CropBox | None = box
+    if crop is not None:
+        record.crop_box, record.crop_fallback = crop.as_list(), bool(crop.fallback)
+    geometry = input_geometry(page.size, crop, preprocessing["size"], str(preprocessing["resize"]))
+    return _Page(record, page, image, geometry)
 
 
-def explain_pages(
+def iter_explain(
     model: nn.Module,
     preprocessing: Mapping[str, Any],
-    inputs: PageInput | Iterable[PageInput],
+    inputs: InputLike | Iterable[InputLike] | ExpandedInputs,
     *,
     labels: Sequence[str] | None = None,
     target: str | int = "predicted",
     method: str = "gradcam",
     layer: str | None = None,
     batch_size: int = 8,
-    temperature: float = 1.0,
-) -> list[Explanation]:
-    """Predict and explain every input: probabilities, Grad-CAM in page pixels and lead shares.
-
-    Args:
-        model: A classifier returning logits (an `EcgClassifier`); it is put in eval mode.
-        preprocessing: The checkpoint's `preprocessing` dict (size, mean, std, interpolation, resize, crop, ink).
-        inputs: File paths or PIL images (one or an iterable).
-        labels: Class names in the model's order (default: `model.labels`, else "0", "1", ...).
-        target: "predicted" (each page's top class), a label name or a class index.
-        method: "gradcam" or "gradcam++".
-        layer: Backbone module to take the map at (default: chosen by resolution, `cam.choose_target_layer`).
-        batch_size: Pages per forward/backward pass.
-        temperature: Logits are divided by it before the softmax (the checkpoint's calibration).
-
-    Returns:
-        One `Explanation` per input, in order; unreadable pages carry their `error`.
-
-    Raises:
-        ValueError: An unknown target, method or layer.
-    """
-    items = [inputs] if isinstance(inputs, (str, Path, Image.Image)) else list(inputs)
+    probabilities: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    low_confidence: float = DEFAULT_LOW_CONFIDENCE,
+) -> Iterator[tuple[Explanation, Image.Image | None]]:
+    """Like `explain_pages` (same arguments; `inputs` may also be already expanded), one (record, decoded page
+    or None on error) at a time, in input order, as soon as its batch is done."""
+    items = (inputs if isinstance(inputs, ExpandedInputs) else expand_inputs(inputs)).items
     labels = list(labels if labels is not None else getattr(model, "labels", None) or [])
     size = parse_image_size(preprocessing["size"])
     normalize = Normalize(preprocessing["mean"], preprocessing["std"])
+    to_probs = probabilities or (lambda logits: logits.softmax(dim=1))
     model.eval()
     if not labels:
         with torch.no_grad():
             param = next(model.parameters())
             labels = [str(i) for i in range(model(torch.zeros(1, 3, *size, dtype=param.dtype)).shape[1])]
     wanted = _resolve_target(target, labels)
-    records: list[Explanation] = []
-    pending: list[_Page] = []
-    chosen: dict[tuple[float, float], Any] = {}
+    layers: dict[tuple[float, float], TargetLayer] = {}
+    device = next(model.parameters()).device
 
-    def flush() -> None:
-        if not pending:
-            return
+    def run(pending: list[_Page]) -> None:
         content = pending[0].geometry.content[3], pending[0].geometry.content[2]
-        key = (round(content[0]), round(content[1]))
-        if key not in chosen:
-            chosen[key] = choose_target_layer(model, size, layer, content)
-        tl = chosen[key]
-        batch = torch.stack([normalize(p.image) for p in pending])
+        if content not in layers:
+            layers[content] = choose_target_layer(model, size, layer, content)
+        tl = layers[content]
+        batch = torch.stack([normalize(p.image) for p in pending]).to(device)
         out = compute_cam(model, batch, tl.name, None if wanted is None else [wanted] * len(pending), method)
-        probs = torch.softmax(out.logits.float() / temperature, dim=1).cpu().numpy()
+        with torch.no_grad():
+            probs = to_probs(out.logits).float().cpu().numpy()
         for p, raw, prob, t in zip(pending, out.maps, probs, out.targets, strict=True):
             r = p.record
+            top = int(np.argmax(prob))
             r.probabilities = {lab: float(v) for lab, v in zip(labels, prob, strict=True)}
-            r.label, r.target = labels[int(np.argmax(prob))], labels[t]
+            r.label, r.target, r.low_confidence = labels[top], labels[t], float(prob[top]) < low_confidence
             shares = lead_shares(map_to_box(raw, tl.grid, p.geometry))
             r.lead_shares, r.margin_share = shares.shares, shares.margin_share
             page_map = map_to_page(raw, tl.grid, p.geometry)
             peak = float(page_map.max())
             r.cam = page_map / peak if peak > 0 else page_map
             r.cam_layer, r.cam_size = tl.name, tuple(tl.grid.shape)
-        pending.clear()
 
-    for i, item in enumerate(items):
-        prepared = _prepare(item, i, preprocessing)
+    pending: list[_Page] = []
+    done: list[tuple[Explanation, Image.Image | None]] = []
+    for item in items:
+        prepared = _prepare(item, preprocessing)
         if isinstance(prepared, Explanation):
-            records.append(prepared)
-            continue
-        records.append(prepared.record)
-        if pending and pending[0].geometry.content != prepared.geometry.content:
-            flush()  # one target layer per batch: letterboxed pages of other shapes go in their own batch
-        pending.append(prepared)
-        if len(pending) >= batch_size:
-            flush()
-    flush()
-    return records
+            done.append((prepared, None))
+        else:
+            if pending and pending[0].geometry.content != prepared.geometry.content:
+                run(pending)  # one target layer per batch: letterboxed pages of other shapes get their own
+                pending = []
+            pending.append(prepared)
+            done.append((prepared.record, prepared.page))
+            if len(pending) < batch_size:
+                continue
+            run(pending)
+            pending = []
+        if not pending:
+            yield from done
+            done = []
+    if pending:
+        run(pending)
+    yield from done
 
 
-def share_columns() -> list[str]:
-    """CSV column names of the lead shares: `share_<lead>` in `LEAD_NAMES` order, then `share_margin`."""
-    return [f"share_{name}" for name in LEAD_NAMES] + ["share_margin"]
+def explain_pages(
+    model: nn.Module,
+    preprocessing: Mapping[str, Any],
+    inputs: InputLike | Iterable[InputLike],
+    *,
+    labels: Sequence[str] | None = None,
+    target: str | int = "predicted",
+    method: str = "gradcam",
+    layer: str | None = None,
+    batch_size: int = 8,
+    probabilities: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    low_confidence: float = DEFAULT_LOW_CONFIDENCE,
+) -> list[Explanation]:
+    """Predict and explain every input: probabilities, Grad-CAM in page pixels and lead shares.
 
+    Args:
+        model: A classifier returning logits (an `EcgClassifier`); it is put in eval mode.
+        preprocessing: The checkpoint's `preprocessing` dict (size, mean, std, interpolation, resize, crop, ink).
+        inputs: What `Predictor.predict` takes: file paths, folders, PIL images, uint8 tensors.
+        labels: Class names in the model's order (default: `model.labels`, else "0", "1", ...).
+        target: "predicted" (each page's top class), a label name or a class index.
+        method: "gradcam" or "gradcam++".
+        layer: Backbone module to take the map at (default: chosen by resolution, `cam.choose_target_layer`).
+        batch_size: Pages per forward/backward pass.
+        probabilities: Logits -> probabilities (default softmax; the Predictor passes its temperature's).
+        low_confidence: Top-probability threshold of the `low_confidence` flag.
 
-def share_row(record: Explanation) -> list[str]:
-    """CSV cells of `share_columns()` for one record (empty cells for a page that could not be read)."""
-    if record.error is not None or not record.lead_shares:
-        return [""] * (len(LEAD_NAMES) + 1)
-    return [f"{record.lead_shares[name]:.6f}" for name in LEAD_NAMES] + [f"{record.margin_share:.6f}"]
+    Returns:
+        One `Explanation` per page, in order; unreadable pages carry their `error`.
+
+    Raises:
+        ValueError: An unknown target, method or layer.
+    """
+    return [record for record, _ in iter_explain(
+        model, preprocessing, inputs, labels=labels, target=target, method=method, layer=layer,
+        batch_size=batch_size, probabilities=probabilities, low_confidence=low_confidence,
+    )]  # fmt: skip

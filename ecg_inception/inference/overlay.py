@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -132,3 +133,26 @@ def lead_share_chart(
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def overlay_name(path: str, taken: set[str]) -> str:
+    """`<stem>_cam.png` for a record's path (`page<index>_cam.png` in memory), unique within `taken`."""
+    stem = Path(path).stem if not path.startswith("#") else "page" + path[1:].replace(".", "_")
+    name, n = f"{stem}_cam.png", 1
+    while name in taken:
+        n += 1
+        name = f"{stem}_{n}_cam.png"
+    taken.add(name)
+    return name
+
+
+def write_overlay(record: Any, page: Image.Image, folder: str | Path, taken: set[str], method: str = "gradcam"
+                  ) -> Path:
+    """Write one explained record's overlay PNG into `folder` (created) and return its path."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    prob = record.probabilities.get(record.label) if record.label is not None else None
+    caption = caption_for(record.label, prob, record.target, method, record.cam_layer, record.cam_size)
+    path = out / overlay_name(record.path, taken)
+    render_overlay(page, record.cam, record.crop_box, caption).save(path)
+    return path
