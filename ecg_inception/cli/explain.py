@@ -49,10 +49,12 @@ def explained_records(predictor: Predictor, expanded: ExpandedInputs, overlay_di
 
 def true_label(path: str, folder: Path, labels: Sequence[str]) -> str | None:
     """The checkpoint label of the class folder (directly under `folder`) holding `path`, or None."""
+    import os
+
     from ecg_inception.data.labels import label_for_folder
 
-    try:
-        rel = Path(path).resolve().relative_to(folder.resolve())
+    try:  # absolute, not resolved: a folder of symbolic links to the files keeps its class folders
+        rel = Path(os.path.abspath(path)).relative_to(os.path.abspath(folder))
     except ValueError:
         return None
     if len(rel.parts) < 2:

@@ -13,6 +13,7 @@ from ecg_inception.inference.leads import LEAD_NAMES, uniform_shares
 
 OVERLAY_ALPHA = 0.55  # opacity of the colour at the map's maximum; it fades with the map value
 BOX_COLOUR = (0, 90, 255)
+PNG_COMPRESSION = 3  # zlib level of the overlay PNGs: level 6 (Pillow's default) doubles the encode time
 
 
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
@@ -55,11 +56,11 @@ def render_overlay(
     if m.shape != (rgb.height, rgb.width):
         raise ValueError(f"map of shape {m.shape} for a page of {rgb.width}x{rgb.height} (needs height x width)")
     peak = float(m.max())
-    m = np.clip(m / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(m)
-    colour = colormaps["jet"](m)[..., :3] * 255.0
-    weight = (alpha * m)[..., None]
-    blended = np.asarray(rgb, np.float32) * (1.0 - weight) + colour * weight
-    out = Image.fromarray(np.clip(np.round(blended), 0, 255).astype(np.uint8), "RGB")
+    level = np.round(np.clip(m / peak, 0.0, 1.0) * 255).astype(np.uint8) if peak > 0 else np.zeros(m.shape, np.uint8)
+    lut = (colormaps["jet"](np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.float32)
+    weight = (alpha / 255.0) * level[..., None].astype(np.float32)
+    blended = np.asarray(rgb, np.float32) * (1.0 - weight) + lut[level] * weight
+    out = Image.fromarray(np.clip(blended + 0.5, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(out)
     line = max(2, round(out.width / 500))
     if box is not None:
@@ -154,5 +155,5 @@ def write_overlay(record: Any, page: Image.Image, folder: str | Path, taken: set
     prob = record.probabilities.get(record.label) if record.label is not None else None
     caption = caption_for(record.label, prob, record.target, method, record.cam_layer, record.cam_size)
     path = out / overlay_name(record.path, taken)
-    render_overlay(page, record.cam, record.crop_box, caption).save(path)
+    render_overlay(page, record.cam, record.crop_box, caption).save(path, compress_level=PNG_COMPRESSION)
     return path
