@@ -92,6 +92,30 @@ def test_explain_cli_charts_mean_shares_per_true_class(tiny_run: dict, synthetic
                            "--device", "cpu"])  # fmt: skip
     assert json.loads((out / "summary.json").read_text())["grouped_by"] == "predicted"
     assert explain_main([str(tmp_path / "missing.ckpt"), str(synthetic_root), "--out", str(out)]) == 2
+    # a folder of symbolic links (e.g. one split's files) keeps its class folders
+    links = tmp_path / "links"
+    for folder in sorted(p for p in synthetic_root.iterdir() if p.is_dir())[:2]:
+        (links / folder.name).mkdir(parents=True)
+        for f in sorted(folder.iterdir())[:2]:
+            (links / folder.name / f.name).symlink_to(f)
+    assert explain_main([str(tiny_run["ckpt"]), str(links), "--out", str(out), "--device", "cpu"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["grouped_by"] == "true" and sorted(summary["counts"].values()) == [2, 2]
+
+
+def test_overlay_draws_the_box_the_heat_and_leaves_cold_pixels() -> None:
+    from ecg_inception.inference.overlay import BOX_COLOUR, render_overlay
+
+    page = Image.new("RGB", (200, 120), (255, 255, 255))
+    cam = np.zeros((120, 200), np.float32)
+    cam[60:70, 150:160] = 2.0
+    out = np.asarray(render_overlay(page, cam, [20, 30, 180, 110], caption="normal  p=0.91"))
+    assert tuple(out[70, 20]) == BOX_COLOUR and tuple(out[100, 100]) == (255, 255, 255)
+    hot = out[65, 155].astype(int)
+    assert hot[0] > 100 and hot[1] < 200 and hot[2] < 200  # jet's top end is red
+    assert (out[2:15, 2:60] < 128).any()  # caption text in the corner
+    with pytest.raises(ValueError, match="height x width"):
+        render_overlay(page, cam.T)
 
 
 def test_real_pages_overlays_have_the_page_size_and_shares_sum_to_one(dev_root: Path, tmp_path: Path,

@@ -2,8 +2,9 @@
 
 The target layer is one of the backbone's feature stages (timm's `feature_info`): the deepest stage whose map
 still gives every lead region of the grid box at least `MIN_CELLS_PER_REGION` cells (and one cell along each
-axis), so that four rows of leads stay apart. inception_v3 at 128 x 256: Mixed_7c is 2 x 6 (0.7 cells per
-lead), Mixed_6e 6 x 14 (4.7 cells), so Mixed_6e; at 299 x 299 Mixed_7c (8 x 8, 3.6 cells) qualifies.
+axis), so that four rows of leads stay apart. inception_v3 at 128 x 256: Mixed_7c is 2 x 6 (1.8 cells per
+lead region, 0.96 along its height), Mixed_6e 6 x 14 (7.2 cells), so Mixed_6e; at 299 x 299 Mixed_7c (8 x 8,
+4.9 cells) qualifies. Cells are counted at the traced stride (`trace_feature_grids`).
 
 The weights and the map come from grad-cam's own classes (`get_cam_weights`/`get_cam_image`), kept at the
 feature map's resolution (ReLU, no min-max scaling), so that lead shares are shares of the map itself and the

@@ -13,7 +13,7 @@ Coordinates are continuous, pixel k spanning [k, k + 1) (its centre at k + 0.5),
 A feature map's cell (i, j) sits at input (offset_y + i * stride_y, offset_x + j * stride_x) (`FeatureGrid`;
 `cam.trace_feature_grid` derives it from the network's convolutions and pools). Grad-CAM implementations
 usually stretch the map over the input instead; for inception_v3's unpadded convolutions that puts the outer
-cells of Mixed_6e at 128 px about 13 px (a sixth of a lead row) too far out.
+cells of Mixed_6e at 128 x 256 11-17 px too far out (the last row at 117.3 instead of 101.5: half a lead row).
 """
 
 from __future__ import annotations
