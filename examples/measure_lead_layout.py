@@ -2,7 +2,9 @@
 
 Where `ecg_inception.inference.leads.LEAD_LAYOUT` comes from. For every page: the grid box
 (`data.crop.detect_grid_box`; fallback boxes are skipped), then an ink mask of the box (red channel below
-`INK_LEVEL`: the black trace, the separators and the labels; the pink grid has R >= 217). In it:
+`INK_LEVEL` and not red: the black trace, the separators and the labels; the pink grid has R >= 217 on the dev
+copies, and the full-size scans' dark red grid dots are left out by their redness), without the box's border
+line. In it:
 
 - column separators: the three vertical black lines over the three short rows (columns with one unbroken
   inked run over at least half of the rows 10-70 % down the box: a tall QRS does not span rows);
@@ -34,14 +36,19 @@ from PIL import Image
 from ecg_inception.data.crop import detect_grid_box
 from ecg_inception.data.scan import is_image_candidate, open_rgb
 
-INK_LEVEL = 128  # red channel below this is ink
+INK_LEVEL = 128  # red channel below this is ink...
+INK_MAX_REDNESS = 30  # ... unless it is this much redder than green and blue (a dark grid dot)
 SEPARATOR_FILL = 0.5  # a separator column's longest inked run covers this share of the short rows' band
+BORDER_FRACTION = 0.004  # of the box width: left out at every edge of the box (the border is 2-4 px at 1106 px)
 PROFILE_BINS = 1000  # resolution of the averaged row profile (fractions of the box height)
 
 
 def ink_mask(box_img: Image.Image) -> np.ndarray:
-    """Boolean ink mask (height x width) of a cropped grid box."""
-    return np.asarray(box_img.getchannel("R")) < INK_LEVEL
+    """Boolean ink mask (height x width) of a cropped grid box: dark and grey, not dark red (the full-size scans'
+    major grid dots reach R < 128 but stay red: R - max(G, B) > INK_MAX_REDNESS)."""
+    rgb = np.asarray(box_img.convert("RGB")).astype(np.int16)
+    redness = rgb[..., 0] - np.maximum(rgb[..., 1], rgb[..., 2])
+    return (rgb[..., 0] < INK_LEVEL) & (redness <= INK_MAX_REDNESS)
 
 
 def runs(flags: np.ndarray) -> list[tuple[int, int]]:
@@ -67,6 +74,8 @@ def measure_page(img: Image.Image) -> dict[str, object] | None:
         return None
     ink = ink_mask(box.crop(img))
     h, w = ink.shape
+    edge = max(2, round(BORDER_FRACTION * w))  # the box's own border line (dark red on the full-size scans)
+    ink[:edge], ink[-edge:], ink[:, :edge], ink[:, -edge:] = False, False, False, False
     band = ink[int(0.1 * h) : int(0.7 * h)]
     longest = np.array([max((b - a for a, b in runs(col)), default=0) for col in band.T])
     seps = [(a + b - 1) / 2 for a, b in runs(longest >= SEPARATOR_FILL * band.shape[0])]
