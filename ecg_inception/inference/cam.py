@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -103,7 +103,7 @@ def trace_feature_grids(model: nn.Module, input_size: tuple[int, int], names: Se
             strides.append(s * st)
         geo.setdefault(tuple(output.shape[-2:]), (tuple(offsets), tuple(strides)))  # type: ignore[arg-type]
 
-    def stage_hook(name: str):  # noqa: ANN202
+    def stage_hook(name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             shapes[name] = tuple(output.shape[-2:])  # type: ignore[assignment]
         return hook

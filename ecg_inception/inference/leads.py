@@ -3,8 +3,9 @@
 The Mendeley printer (and `synthetic.printout`, which copies it) draws 3 rows x 4 columns of 2.5 s segments
 (I II III / aVR aVL aVF / V1 V2 V3 / V4 V5 V6, one column each) above a 10 s rhythm strip, with a 1 mV
 calibration pulse at the left of every row. The fractions below are measured on the 290 distinct dev pages
-by `examples/measure_lead_layout.py` (medians; page-to-page spread at most 0.003 of the box); the synthetic
-renderer's pages agree within 0.002 on the columns and 0.015 on the row boundaries (docs/explain.md).
+by `examples/measure_lead_layout.py` (medians; page-to-page standard deviation at most 0.003 of the box); the
+32 full-size scans of the fullres sample agree within 0.001 on the columns and 0.003 on the row boundaries, the
+synthetic renderer's pages within 0.002 and 0.015 (docs/explain.md).
 
 - Columns: the trace start (0.0398), the three black separator lines, the right edge of the box.
 - Rows: the least-inked row between two baselines (averaged over the pages; QRS complexes reach further up
