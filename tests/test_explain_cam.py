@@ -125,7 +125,8 @@ def test_a_model_reading_one_lead_gives_that_lead_most_of_the_share(
         else:
             assert sum(rec.lead_shares.values()) == pytest.approx(1.0, abs=1e-6)
             top = max(rec.lead_shares, key=rec.lead_shares.get)
-            assert rec.lead_shares[name] > 0.5, (name, top, rec.lead_shares[top], rec.lead_shares[name])
+            # the issue asks for more than half; the map's spill over the cell edge leaves >= 0.96 here
+            assert rec.lead_shares[name] > 0.9, (name, top, rec.lead_shares[top], rec.lead_shares[name])
             assert rec.margin_share < 0.05
 
 
