@@ -81,7 +81,8 @@ def test_explain_cli_charts_mean_shares_per_true_class(tiny_run: dict, synthetic
     assert status == 0
     summary = json.loads((out / "summary.json").read_text())
     n_files = sum(1 for p in synthetic_root.rglob("*") if p.suffix in (".png", ".jpg"))
-    assert summary["grouped_by"] == "true" and sum(summary["counts"].values()) == n_files
+    n_empty = sum(summary["empty_maps"].values())
+    assert summary["grouped_by"] == "true" and sum(summary["counts"].values()) + n_empty == n_files
     for means in summary["mean_lead_shares"].values():
         assert sum(means.values()) == pytest.approx(1.0, abs=1e-6)
     with Image.open(out / "lead_shares_by_class.png") as chart:
@@ -100,7 +101,33 @@ def test_explain_cli_charts_mean_shares_per_true_class(tiny_run: dict, synthetic
             (links / folder.name / f.name).symlink_to(f)
     assert explain_main([str(tiny_run["ckpt"]), str(links), "--out", str(out), "--device", "cpu"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["grouped_by"] == "true" and sorted(summary["counts"].values()) == [2, 2]
+    assert summary["grouped_by"] == "true"
+    assert sum(summary["counts"].values()) + sum(summary["empty_maps"].values()) == 4
+
+
+def test_pages_with_an_empty_map_stay_out_of_the_class_means(tiny_run: dict, synthetic_root: Path,
+                                                             tmp_path: Path, monkeypatch, one_thread) -> None:
+    import ecg_inception.inference.explain as explain_module
+    from ecg_inception.inference.leads import LeadShares
+
+    real, calls = explain_module.lead_shares, []
+
+    def first_empty(box_map: np.ndarray) -> LeadShares:  # the first page's map is zero on every lead
+        calls.append(1)
+        return LeadShares(dict.fromkeys(LEAD_NAMES, 0.0), 0.0, 0.0) if len(calls) == 1 else real(box_map)
+
+    monkeypatch.setattr(explain_module, "lead_shares", first_empty)
+    folder = tmp_path / "two"
+    for cls in sorted(p for p in synthetic_root.iterdir() if p.is_dir())[:2]:
+        (folder / cls.name).mkdir(parents=True)
+        for f in sorted(cls.iterdir())[:2]:
+            (folder / cls.name / f.name).symlink_to(f)
+    out = tmp_path / "out"
+    assert explain_main([str(tiny_run["ckpt"]), str(folder), "--out", str(out), "--device", "cpu"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert sum(summary["empty_maps"].values()) == 1 and sum(summary["counts"].values()) == 3
+    for means in summary["mean_lead_shares"].values():
+        assert sum(means.values()) == pytest.approx(1.0, abs=1e-6)
 
 
 def test_overlay_draws_the_box_the_heat_and_leaves_cold_pixels() -> None:

@@ -4,7 +4,8 @@ Every page of FOLDER (walked as `ecg-inception-predict` walks folders) is predic
 (`Predictor.explain`). DIR receives `explanations.csv` (predict's columns plus `share_<lead>`),
 `lead_shares_by_class.png` (leads on the x axis, one panel per class: the class's mean share per lead),
 `summary.json` (the means, page counts, grouping, Grad-CAM layer and map size) and, with `--overlays`, one overlay
-PNG per page under `overlays/`. Pages are grouped by their true class (the class folder a page sits in, named
+PNG per page under `overlays/`. A page whose map has no positive mass on any lead is left out of its class's
+mean and counted under `empty_maps`. Pages are grouped by their true class (the class folder a page sits in, named
 as the training folders are) when every page sits in a folder of one of the checkpoint's labels, else by the
 predicted class (`--by` chooses). Exit status 1 when any page failed, 2 when the checkpoint cannot be loaded.
 """
@@ -107,10 +108,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if by == "auto":
         by = "true" if ok and all(truth.values()) else "predicted"
     groups: dict[str, list[dict[str, float]]] = {label: [] for label in predictor.labels}
+    empty: dict[str, int] = {label: 0 for label in predictor.labels}
     for r in ok:
         key = truth[r.path] if by == "true" else r.label
-        if key is not None:
+        if key is None:
+            continue
+        if sum(r.lead_shares.values()) > 0:
             groups[key].append(r.lead_shares)
+        else:  # no positive map on any lead (the gradient pointed away everywhere): no shares to average
+            empty[key] += 1
     groups = {k: v for k, v in groups.items() if v}
     summary = summarize(records, skipped=len(expanded.skipped))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -119,7 +125,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     payload = {
         "checkpoint": str(args.checkpoint), "folder": str(args.folder), "grouped_by": by, "method": args.method,
         "cam_layer": ok[0].cam_layer if ok else None, "cam_size": list(ok[0].cam_size) if ok else None,
-        "counts": {k: len(v) for k, v in groups.items()}, "mean_lead_shares": means,
+        "counts": {k: len(v) for k, v in groups.items()}, "empty_maps": {k: n for k, n in empty.items() if n},
+        "mean_lead_shares": means,
         "flat_map_shares": uniform_shares(), "summary": summary,
     }  # fmt: skip
     (args.out / "summary.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
@@ -130,7 +137,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if r.error:
             print(f"failed: {r.path}: {r.error}", file=sys.stderr)
     print(f"explained {summary['ok']} ok, {summary['failed']} failed; grouped by {by} class "
-          f"({', '.join(f'{k} {len(v)}' for k, v in groups.items())}); wrote {args.out}", file=sys.stderr)
+          f"({', '.join(f'{k} {len(v)}' for k, v in groups.items())}; {sum(empty.values())} with an empty map); "
+          f"wrote {args.out}", file=sys.stderr)
     return 1 if summary["failed"] else 0
 
 
