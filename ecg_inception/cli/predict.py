@@ -81,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     expanded = expand_inputs(args.inputs)
     if args.cam and predictor.model is None:
-        print("ecg-inception-predict: error: --cam needs a checkpoint, not an exported model", file=sys.stderr)
+        print(f"ecg-inception-predict: error: --cam needs a checkpoint, not an exported model ({args.model})",
+              file=sys.stderr)
         return 2
     if args.cam:
         from ecg_inception.cli.explain import explained_records
