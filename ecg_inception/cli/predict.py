@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="flag a record whose top probability is below this")
     parser.add_argument("--tta", action="store_true",
                         help="average over whole-pixel shifted views (centre view unchanged; no flips)")
+    parser.add_argument("--cam", metavar="DIR", default=None,
+                        help="also explain (checkpoints only): a Grad-CAM overlay PNG per input in DIR and "
+                             "share_<lead> columns (docs/explain.md); no TTA")
+    parser.add_argument("--cam-method", choices=("gradcam", "gradcam++"), default="gradcam")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help=f"progress bar on stderr (default: from {PROGRESS_MIN_ITEMS} inputs on a terminal)")
     return parser
@@ -76,6 +80,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ecg-inception-predict: error: {err}", file=sys.stderr)
         return 2
     expanded = expand_inputs(args.inputs)
+    if args.cam and predictor.model is None:
+        print(f"ecg-inception-predict: error: --cam needs a checkpoint, not an exported model ({args.model})",
+              file=sys.stderr)
+        return 2
+    if args.cam:
+        from ecg_inception.cli.explain import explained_records
+
+        stream = explained_records(predictor, expanded, args.cam, args.cam_method)
+    else:
+        stream = predictor.iter_predict(expanded)
     show = args.progress if args.progress is not None else (
         len(expanded.items) >= PROGRESS_MIN_ITEMS and sys.stderr.isatty())
     records = []
@@ -85,11 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         with Progress(console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task("predicting", total=len(expanded.items))
-            for record in predictor.iter_predict(expanded):
+            for record in stream:
                 records.append(record)
                 bar.advance(task)
     else:
-        records = list(predictor.iter_predict(expanded))
+        records = list(stream)
     summary = summarize(records, skipped=len(expanded.skipped))
     if args.out:
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -28,6 +28,9 @@ from ecg_inception.inference.inputs import (
 )
 from ecg_inception.inference.records import DEFAULT_LOW_CONFIDENCE, Prediction
 from ecg_inception.inference.tta import tta_views
+
+if TYPE_CHECKING:
+    from ecg_inception.inference.explain import Explanation
 
 #: A model as the Predictor runs it: normalised float batch [N, 3, H, W] -> probabilities [N, C].
 ProbabilityFn = Callable[[torch.Tensor], torch.Tensor]
@@ -240,6 +243,29 @@ class Predictor:
             The records, in input order (a folder's images sorted by path).
         """
         return list(self.iter_predict(expand_inputs(inputs), tta))
+
+    def explain(self, inputs: InputLike | Iterable[InputLike], target: str | int = "predicted",
+                method: str = "gradcam", layer: str | None = None) -> list[Explanation]:
+        """`predict`'s records plus Grad-CAM in page pixels (`cam`) and `lead_shares` (see `inference.explain`).
+
+        Args:
+            inputs: As `predict` takes them.
+            target: "predicted", a label or a class index: the class whose evidence the map shows.
+            method: "gradcam" or "gradcam++".
+            layer: Backbone module for the map (default: chosen by resolution, `cam.choose_target_layer`).
+
+        Raises:
+            ValueError: The Predictor runs an exported model (Grad-CAM needs the checkpoint's), or an unknown
+                target, method or layer.
+        """
+        from ecg_inception.inference.explain import explain_pages
+
+        if self.model is None:
+            raise ValueError(f"{self.source}: explain needs the checkpoint's model, not an exported one")
+        return explain_pages(self.model, self.preprocessing, inputs, labels=self.labels, target=target,
+                             method=method, layer=layer, batch_size=self.batch_size,
+                             probabilities=self.model.calibrated_probabilities,
+                             low_confidence=self.low_confidence)  # fmt: skip
 
     def __repr__(self) -> str:
         return (f"Predictor(source={self.source!r}, labels={self.labels}, device={self.device}, "

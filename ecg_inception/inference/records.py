@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ecg_inception.inference.leads import LEAD_NAMES
+
 #: Default `low_confidence` threshold: a record whose top probability is below it is flagged.
 DEFAULT_LOW_CONFIDENCE = 0.5
 
@@ -51,20 +53,30 @@ class Prediction:
         return asdict(self)
 
 
-def csv_columns(labels: Sequence[str]) -> list[str]:
-    """`path,label,prob_<label>...,crop_fallback,low_confidence,error`."""
-    return ["path", "label", *(f"prob_{label}" for label in labels), "crop_fallback", "low_confidence", "error"]
+def csv_columns(labels: Sequence[str], shares: bool = False) -> list[str]:
+    """`path,label,prob_<label>...,crop_fallback,low_confidence,error` (+ `share_<lead>...,share_margin` for
+    explained records, `inference.explain`)."""
+    columns = ["path", "label", *(f"prob_{label}" for label in labels), "crop_fallback", "low_confidence", "error"]
+    return (columns + [f"share_{lead}" for lead in (*LEAD_NAMES, "margin")]) if shares else columns
+
+
+def _share_cells(r: Prediction) -> list[str]:
+    shares = getattr(r, "lead_shares", None)
+    if not shares:
+        return [""] * (len(LEAD_NAMES) + 1)
+    return [f"{shares[lead]:.6f}" for lead in LEAD_NAMES] + [f"{getattr(r, 'margin_share', 0.0):.6f}"]
 
 
 def to_csv(records: Sequence[Prediction], labels: Sequence[str]) -> str:
     """The records as CSV text, one row per input."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(csv_columns(labels))
+    shares = any(hasattr(r, "lead_shares") for r in records)
+    writer.writerow(csv_columns(labels, shares))
     for r in records:
         probs = [f"{r.probabilities[label]:.6f}" if r.probabilities else "" for label in labels]
         writer.writerow([r.path, r.label or "", *probs, str(r.crop_fallback).lower(),
-                         str(r.low_confidence).lower(), r.error or ""])
+                         str(r.low_confidence).lower(), r.error or "", *(_share_cells(r) if shares else [])])
     return buf.getvalue()
 
 

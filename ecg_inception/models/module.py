@@ -450,6 +450,7 @@ class EcgClassifier(pl.LightningModule):
         without it (older, or weights-only) leaves the metric empty.
         """
         self._check_class_count(checkpoint.get("state_dict", {}), "the checkpoint")
+        self.temperature = check_temperature(checkpoint.get("temperature", 1.0), "the checkpoint")
         best = checkpoint.get(VAL_ACC_BEST_KEY)
         self.val_acc_best.reset()
         if best is not None:
