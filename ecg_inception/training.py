@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ecg_inception.callbacks import BestWeights
 from ecg_inception.data.datamodule import EcgDataModule
+from ecg_inception.distributed import is_rank_zero
 from ecg_inception.models.backbone import check_pretrained_available
 from ecg_inception.models.module import EcgClassifier
 from ecg_inception.models.trunk_cache import TrunkCachedDataModule, maybe_use_trunk_cache
@@ -108,9 +109,11 @@ def setup_datamodule(
     """Instantiate cfg.data, prepare and set it up; the manifest it used is written to the run dir.
 
     A sweep config may set `shared_split_manifest`: the first job creates that file (under a lock) and every
-    job reuses it, so all grid points see exactly the same split.
+    job reuses it, so all grid points see exactly the same split. Only rank 0 of a distributed run writes the
+    run dir's copy; the other ranks make (or read) the same split without writing it.
     """
     shared = cfg.get("shared_split_manifest")
+    own_copy = str(output_dir / SPLITS_FILE) if is_rank_zero() else None
     if split_manifest is None and shared:
         shared_path = Path(str(shared))
         with _file_lock(shared_path.with_name(shared_path.name + ".lock")):
@@ -118,12 +121,11 @@ def setup_datamodule(
                 dm = instantiate(cfg.data, manifest_out=str(shared_path), **overrides)
                 dm.prepare_data()
                 dm.setup("fit")
-                shutil.copyfile(shared_path, output_dir / SPLITS_FILE)
+                if own_copy is not None:
+                    shutil.copyfile(shared_path, own_copy)
                 return dm
         split_manifest = str(shared_path)
-    dm = instantiate(
-        cfg.data, split_manifest=split_manifest, manifest_out=str(output_dir / SPLITS_FILE), **overrides
-    )
+    dm = instantiate(cfg.data, split_manifest=split_manifest, manifest_out=own_copy, **overrides)
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -163,7 +165,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     started = time.perf_counter()
     output_dir = Path(str(cfg.paths.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    if is_rank_zero():  # a distributed run's files are written once, by rank 0
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
     pl.seed_everything(int(cfg.seed), workers=True)
 
     # Fail fast (before any data is generated) when ImageNet weights cannot be had.
@@ -216,14 +219,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "counts": manifest.counts(),
         "best_checkpoint": best,
         "epochs": int(trainer.current_epoch),
+        "world_size": int(trainer.world_size),
         "wall_time_s": round(time.perf_counter() - started, 2),
         "val": model.last_reports.get("val"),
         "test": model.last_reports.get("test"),
         "logged": logged,
         "trunk_cache": loaders.summary() if isinstance(loaders, TrunkCachedDataModule) else None,
     }
-    write_report(output_dir, metrics, history.rows, plots=bool(cfg.get("plots", True)))
-    log.info("Report written to %s", output_dir)
+    if is_rank_zero():
+        write_report(output_dir, metrics, history.rows, plots=bool(cfg.get("plots", True)))
+        log.info("Report written to %s", output_dir)
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer, "history": history}
     return metrics, objects
 
