@@ -56,6 +56,23 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
+def error_line(exc: BaseException) -> str:
+    """One line naming a failure: the last line of the root cause (`raise ... from`), e.g. the ValueError inside
+    Hydra's InstantiationException, whose own last line is only `full_key: data`.
+
+    Args:
+        exc: The exception a job raised.
+
+    Returns:
+        `<type>: <last line of its message>` of the innermost cause.
+    """
+    root, seen = exc, {id(exc)}
+    while root.__cause__ is not None and id(root.__cause__) not in seen:
+        root = root.__cause__
+        seen.add(id(root))
+    return f"{type(root).__name__}: {_last_line(str(root))}".rstrip(": ")
+
+
 def record_job_error(output_dir: str | Path, exc: BaseException, wall_time_s: float | None = None) -> Path:
     """Write `error.json` (type, message, last line, traceback, wall time) into a job's folder.
 
@@ -70,11 +87,10 @@ def record_job_error(output_dir: str | Path, exc: BaseException, wall_time_s: fl
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    message = f"{type(exc).__name__}: {exc}"
     record = {
         "status": "failed",
         "error_type": type(exc).__name__,
-        "error": _last_line(message) or type(exc).__name__,
+        "error": error_line(exc),
         "message": str(exc),
         "traceback": text,
         "wall_time_s": None if wall_time_s is None else round(float(wall_time_s), 2),
@@ -113,7 +129,7 @@ def sweep_job() -> Iterator[JobOutcome]:
             log.error("Job %s failed; the sweep goes on", output_dir, exc_info=exc)
             if is_rank_zero():
                 record_job_error(output_dir, exc, time.perf_counter() - started)
-            outcome.failed, outcome.error = True, _last_line(f"{type(exc).__name__}: {exc}")
+            outcome.failed, outcome.error = True, error_line(exc)
 
 
 # ------------------------------------------------------------------------------------------------ summary

@@ -17,6 +17,7 @@ from ecg_inception.sweep_summary import (
     SUMMARY_CSV,
     SUMMARY_JSON,
     SweepSummary,
+    error_line,
     job_dirs,
     metric_direction,
     record_job_error,
@@ -62,7 +63,7 @@ def test_summary_rows_sorted_by_metric_with_failures_last(tmp_path: Path) -> Non
     assert rows[0]["value"] == 0.75 and rows[0]["best_checkpoint"] == "/ckpt/0.75.ckpt"
     assert rows[0]["scalars"] == {"test/acc": 0.375, "val/acc": 0.75, "val/acc_best": 0.75, "val/loss": 0.25}
     assert rows[2]["value"] is None and rows[2]["error"] == "loss is nan at step 3"
-    assert rows[3]["error"] == "second line" and rows[3]["wall_time_s"] == 1.5
+    assert rows[3]["error"] == "ValueError: second line" and rows[3]["wall_time_s"] == 1.5
     assert "no metrics.json" in rows[4]["error"]
     with open(sweep / SUMMARY_CSV, newline="") as fh:
         table = list(csv.DictReader(fh))
@@ -72,6 +73,17 @@ def test_summary_rows_sorted_by_metric_with_failures_last(tmp_path: Path) -> Non
     saved = json.loads((sweep / SUMMARY_JSON).read_text())
     assert saved["rows"][0]["overrides"] == ["lr=0.01", "seed=1"]
     assert "lr" in summary["table"].splitlines()[0]
+
+
+def test_error_line_names_the_root_cause() -> None:
+    try:
+        try:
+            raise ValueError("batch_size must be >= 1, got 0")
+        except ValueError as inner:
+            raise RuntimeError("Error in call to target 'EcgDataModule':\nfull_key: data") from inner
+    except RuntimeError as exc:
+        assert error_line(exc) == "ValueError: batch_size must be >= 1, got 0"
+    assert error_line(KeyError()) == "KeyError"
 
 
 def test_losses_are_minimised_and_a_sweepers_direction_wins() -> None:
