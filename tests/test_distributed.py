@@ -1,7 +1,7 @@
 """DDP under Hydra on CPU (gloo, 2 processes): run dirs, rank-0-only files, and agreement with one process.
 
-The equivalence runs use one full-batch step per epoch (16 training images, global batch 16 = 2 ranks x 8), no
-augmentation, no dropout and plain SGD, so both runs see exactly the same batches whatever the samplers' order.
+The equivalence runs make one full-batch step (16 training images, global batch 16 = 2 ranks x 8, one epoch), no
+augmentation, no dropout and plain SGD, so both runs see exactly the same batch whatever the samplers' order.
 """
 
 from __future__ import annotations
@@ -74,10 +74,14 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def _max_weight_diff(a: Path, b: Path) -> float:
+BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _max_weight_diff(a: Path, b: Path, skip: tuple[str, ...] = ()) -> float:
+    """Largest absolute difference over the state dicts' tensors (names ending in `skip` left out)."""
     wa, wb = _weights(a), _weights(b)
     assert wa.keys() == wb.keys()
-    return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa if wa[k].numel())
+    return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa if wa[k].numel() and not k.endswith(skip))
 
 
 def _equivalence_args(root: Path, tmp: Path, model: str) -> list[str]:
@@ -87,8 +91,9 @@ def _equivalence_args(root: Path, tmp: Path, model: str) -> list[str]:
         args = [a.replace("data.image_size=64", "data.image_size=75") for a in args]
     # Plain SGD: Adam divides by the root of the squared gradient, which blows float rounding in a near-zero
     # gradient up to a visible weight change (measured: 2.9e-5 on one tensor, every metric still identical).
-    sgd = ["model.optimizer._target_=torch.optim.SGD", "model.optimizer.lr=0.05"]
-    return [*args, *sgd, "data.augment=false", "model.drop_rate=0.0", "trainer.max_epochs=2"]
+    lr = 0.001 if model == "inception_v3" else 0.05  # a random inception_v3 blows up at 0.05 (val loss 4e13)
+    sgd = ["model.optimizer._target_=torch.optim.SGD", f"model.optimizer.lr={lr}"]
+    return [*args, *sgd, "data.augment=false", "model.drop_rate=0.0", "trainer.max_epochs=1"]
 
 
 def _only_files(root: Path, name: str) -> list[Path]:
@@ -137,9 +142,19 @@ def test_ddp_matches_one_process_without_batchnorm(convnext_runs) -> None:
 
 
 #: BatchNorm statistics are per rank on CPU (torch has no CPU SyncBatchNorm): with 8 instead of 16 images per
-#: normalisation the two runs part. Measured on this data (2 full-batch steps): see the test's assertion messages.
-INCEPTION_WEIGHT_TOL = 0.05
-INCEPTION_LOSS_TOL = 0.1
+#: normalisation the two runs part. Measured on this data after the one step: parameters 1.7% apart (relative L2),
+#: training loss of the step 13% apart (3.75 vs 4.25). The tolerances leave room for other seeds and machines.
+INCEPTION_PARAM_REL_TOL = 0.05
+INCEPTION_LOSS_REL_TOL = 0.25
+
+
+def _relative_param_diff(a: Path, b: Path) -> float:
+    """||a - b|| / ||a|| over the parameters (BatchNorm running statistics left out)."""
+    wa, wb = _weights(a), _weights(b)
+    keys = [k for k in wa if not k.endswith(BN_STATS)]
+    va = torch.cat([wa[k].float().flatten() for k in keys])
+    vb = torch.cat([wb[k].float().flatten() for k in keys])
+    return float((va - vb).norm() / va.norm())
 
 
 @pytest.mark.slow
@@ -153,11 +168,13 @@ def test_ddp_inception_with_per_rank_batchnorm_stays_close(synthetic_root: Path,
         (run,) = _only_files(tmp, "metrics.json")
         results[name] = (json.loads(run.read_text()), run.parent / "checkpoints" / "last.ckpt")
     (one, one_ckpt), (ddp, ddp_ckpt) = results["one"], results["ddp"]
-    diff = _max_weight_diff(one_ckpt, ddp_ckpt)
-    losses = {k: abs(one["logged"][k] - ddp["logged"][k]) for k in ("train/loss_epoch", "val/loss", "test/loss")}
+    diff = _relative_param_diff(one_ckpt, ddp_ckpt)
+    # Evaluation losses are not compared: after one step the BatchNorm running statistics are mostly their
+    # initial values, and a random inception_v3 then gives val losses of 1e6-1e7 in both runs.
+    loss_one, loss_ddp = one["logged"]["train/loss_epoch"], ddp["logged"]["train/loss_epoch"]
     assert diff > 1e-6, "per-rank BatchNorm should make a difference; is sync_batchnorm on?"
-    assert diff < INCEPTION_WEIGHT_TOL, f"max weight difference {diff}"
-    assert max(losses.values()) < INCEPTION_LOSS_TOL, f"loss differences {losses}"
+    assert diff < INCEPTION_PARAM_REL_TOL, f"parameters {diff:.4f} apart (relative L2)"
+    assert abs(loss_one - loss_ddp) / loss_one < INCEPTION_LOSS_REL_TOL, f"train loss {loss_one} vs {loss_ddp}"
 
 
 @pytest.mark.slow
