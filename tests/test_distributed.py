@@ -179,14 +179,19 @@ def test_ddp_inception_with_per_rank_batchnorm_stays_close(synthetic_root: Path,
 
 @pytest.mark.slow
 def test_ddp_inside_a_multirun(synthetic_root: Path, tmp_path: Path) -> None:
-    """`-m ... trainer=ddp_cpu seed=1,2`: two job dirs, no nested sweeps, rank-0 files once per job, a summary."""
-    sweep = tmp_path / "sweep"
-    args = [*tiny_sweep_args(synthetic_root, tmp_path), "trainer=ddp_cpu", "seed=1,2", f"hydra.sweep.dir={sweep}"]
+    """`-m ... trainer=ddp_cpu seed=1,2`: two job dirs, no nested sweeps, rank-0 files once per job, a summary.
+
+    The sweep dir is left to Hydra (`logs/train/multiruns/<time>`): a re-launched rank that ran the sweep again
+    would make a second one, seconds later, and print a second summary.
+    """
+    args = [*tiny_sweep_args(synthetic_root, tmp_path), "trainer=ddp_cpu", "seed=1,2"]
     proc = run_cli(["-m", *args], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
+    assert proc.stdout.count("Sweep summary") == 1, proc.stdout[-3000:]
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert jobs == ["0", "1"]
-    assert not (tmp_path / "logs").exists() and not (tmp_path / "multirun").exists()
+    assert sorted(p.name for p in (tmp_path / "logs" / "train").iterdir()) == ["multiruns"]  # no runs/ either
     for name in RANK0_FILES:
         assert _only_files(tmp_path, name) == [sweep / "0" / name, sweep / "1" / name], name
     seeds = []
