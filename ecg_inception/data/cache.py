@@ -243,6 +243,13 @@ def distributed_world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def distributed_rank() -> int:
+    """This process's rank in the initialised torch.distributed process group, 0 without one."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 class _DecodeItem(torch.utils.data.Dataset):
     """Item i = 0, after image i of a split (anything with `load_uint8(i)`) is in the decoded cache."""
 

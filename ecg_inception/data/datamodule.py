@@ -24,6 +24,7 @@ from ecg_inception.data.cache import (
     DecodedCache,
     PreprocessSettings,
     default_cache_dir,
+    distributed_rank,
     distributed_world_size,
     file_sha256,
     warm_decoded_cache,
@@ -364,7 +365,9 @@ class EcgDataModule(L.LightningDataModule):
             # default sampler would pad the split with repeated images to equal lengths).
             from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
-            sampler = UnrepeatedDistributedSampler(self.dataset(split), shuffle=False)
+            sampler = UnrepeatedDistributedSampler(
+                self.dataset(split), num_replicas=distributed_world_size(), rank=distributed_rank(), shuffle=False
+            )
         return DataLoader(
             self.dataset(split),
             batch_size=self.batch_size,
