@@ -7,6 +7,7 @@ carries labels, groups and crop boxes, so every job of a sweep trains on exactly
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -184,7 +185,8 @@ class EcgDataModule(L.LightningDataModule):
     protocol's defaults; augment_kind -> "paper" for the paper protocol, else "ecg"; num_workers ->
     `default_num_workers()`; pin_memory -> CUDA available; persistent_workers -> num_workers > 0;
     image_size -> the model's pretrained input size (an int: square; [height, width]: any shape); ink ->
-    False (True: grid removed before resizing, see `transforms.ink_image`); cache_dir ->
+    False (True: grid removed before resizing, see `transforms.ink_image`); mean, std, interpolation -> the
+    timm config of `model_name` (which may name a tag: `inception_v3.gluon_in1k`); cache_dir ->
     `$ECG_INCEPTION_CACHE` or `~/.cache/ecg_inception` (decoded images under `decoded/`, synthetic sets under
     `synthetic/`).
     """
@@ -214,6 +216,9 @@ class EcgDataModule(L.LightningDataModule):
         manifest_out: str | None = None,
         synthetic_per_class: int = 40,
         ink: bool = False,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        interpolation: str | None = None,
     ) -> None:
         super().__init__()
         defaults = protocol_defaults(protocol)
@@ -250,6 +255,15 @@ class EcgDataModule(L.LightningDataModule):
         self.manifest_out = None if manifest_out is None else str(manifest_out)
         self.synthetic_per_class = int(synthetic_per_class)
         self.ink = bool(ink)
+        # Normalisation given explicitly (a checkpoint's stored values) wins over the timm config's.
+        self.normalisation = {
+            k: v for k, v in (("mean", _plain(mean)), ("std", _plain(std)), ("interpolation", interpolation))
+            if v is not None
+        }
+        for key in ("mean", "std"):
+            value = self.normalisation.get(key)
+            if value is not None and (len(value) != 3 or (key == "std" and min(value) <= 0)):
+                raise ValueError(f"{key} must be 3 numbers (std > 0), got {value}")
         self._root: Path | None = None
         self._manifest: Manifest | None = None
         self._config: DataConfig | None = None
@@ -416,9 +430,17 @@ class EcgDataModule(L.LightningDataModule):
 
     @property
     def data_config(self) -> DataConfig:
-        """Input size, mean, std and interpolation from the timm model's pretrained config."""
+        """Input size, mean, std and interpolation from the timm model's pretrained config (`model_name` may name
+        a tag, e.g. inception_v3.gluon_in1k); explicit mean/std/interpolation win."""
         if self._config is None:
-            self._config = resolve_data_config(self.model_name, self.image_size)
+            config = resolve_data_config(self.model_name, self.image_size)
+            norm = self.normalisation
+            self._config = dataclasses.replace(
+                config,
+                mean=tuple(float(v) for v in norm.get("mean", config.mean)),
+                std=tuple(float(v) for v in norm.get("std", config.std)),
+                interpolation=str(norm.get("interpolation", config.interpolation)),
+            )
         return self._config
 
     @property
