@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from ecg_inception.data.datamodule import EcgDataModule
 from ecg_inception.data.settings import check_preprocessing
 from ecg_inception.data.split import Manifest, excluded_path
+from ecg_inception.distributed import is_rank_zero
 from ecg_inception.errors import CheckpointError, ConfigValueError
 from ecg_inception.models.backbone import split_name
 from ecg_inception.models.module import check_image_size, to_plain
@@ -121,5 +122,6 @@ def stopped_report(
         "test": None,
         "logged": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
     }
-    write_report(output_dir, metrics, history.rows, plots=False)
+    if is_rank_zero():  # a distributed run's files are written once, by rank 0
+        write_report(output_dir, metrics, history.rows, plots=False)
     return metrics

@@ -28,6 +28,7 @@ from ecg_inception.callbacks import BestWeights, FiniteLoss
 from ecg_inception.data.datamodule import EcgDataModule
 from ecg_inception.data.settings import check_run_data
 from ecg_inception.data.whole_folder import check_folder, training_copies, write_whole_folder_manifest
+from ecg_inception.distributed import is_rank_zero
 from ecg_inception.errors import ConfigValueError, DatasetError, TrainingDivergedError
 from ecg_inception.models.backbone import check_pretrained_available
 from ecg_inception.models.calibration import calibration_report, fit_temperature
@@ -127,8 +128,11 @@ def setup_datamodule(
     A sweep config may set `shared_split_manifest`: the first job creates that file (under a lock) and every
     job reuses it, so all grid points see exactly the same split. `overrides` (values read back from a
     checkpoint or a run folder, already checked) go to the constructor as they are: Hydra never sees them.
+    Only rank 0 of a distributed run writes the run dir's copy; the other ranks make (or read) the same split
+    without writing it.
     """
     shared = cfg.get("shared_split_manifest")
+    own_copy = str(output_dir / SPLITS_FILE) if is_rank_zero() else None
     if split_manifest is None and shared:
         shared_path = Path(str(shared))
         with _file_lock(shared_path.with_name(shared_path.name + ".lock")):
@@ -136,13 +140,12 @@ def setup_datamodule(
                 dm = instantiate(cfg.data, _partial_=True)(manifest_out=str(shared_path), **overrides)
                 dm.prepare_data()
                 dm.setup("fit")
-                shutil.copyfile(shared_path, output_dir / SPLITS_FILE)
+                if own_copy is not None:
+                    shutil.copyfile(shared_path, own_copy)
                 report_excluded(dm.manifest, shared_path)
                 return dm
         split_manifest = str(shared_path)
-    dm = instantiate(cfg.data, _partial_=True)(
-        split_manifest=split_manifest, manifest_out=str(output_dir / SPLITS_FILE), **overrides
-    )
+    dm = instantiate(cfg.data, _partial_=True)(split_manifest=split_manifest, manifest_out=own_copy, **overrides)
     dm.prepare_data()
     dm.setup("fit")
     report_excluded(dm.manifest, output_dir / SPLITS_FILE)
@@ -231,7 +234,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     started = time.perf_counter()
     output_dir = Path(str(cfg.paths.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    if is_rank_zero():  # a distributed run's files are written once, by rank 0
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
     pl.seed_everything(int(cfg.seed), workers=True)
 
     # Fail fast (before any data is generated) when ImageNet weights cannot be had.
@@ -300,14 +304,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "counts": manifest.counts(),
         "best_checkpoint": best,
         "epochs": int(trainer.current_epoch),
+        "world_size": int(trainer.world_size),
         "wall_time_s": round(time.perf_counter() - started, 2),
         "val": _with_calibration(model, "val"),
         "test": _with_calibration(model, "test"),
         "logged": logged,
         "trunk_cache": loaders.summary() if isinstance(loaders, TrunkCachedDataModule) else None,
     }
-    write_report(output_dir, metrics, history.rows, plots=bool(cfg.get("plots", True)))
-    log.info("Report written to %s", output_dir)
+    if is_rank_zero():
+        write_report(output_dir, metrics, history.rows, plots=bool(cfg.get("plots", True)))
+        log.info("Report written to %s", output_dir)
     return metrics, objects
 
 
@@ -439,6 +445,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         metrics["training_copies"] = training_copies((r.sha256 for r in manifest.rows), run_manifest)
         log.info("eval_all: %s", metrics["training_copies"]["note"])
     metrics["logged"] = logged
-    write_report(output_dir, metrics, plots=bool(cfg.get("plots", True)))
+    if is_rank_zero():
+        write_report(output_dir, metrics, plots=bool(cfg.get("plots", True)))
     log.info("Report written to %s", output_dir)
     return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}

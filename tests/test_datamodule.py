@@ -250,3 +250,36 @@ def test_corrupt_decoded_entries_are_counted_and_logged(fitted: EcgDataModule, t
     lines = [r.getMessage() for r in caplog.records if "corrupt" in r.getMessage()]
     assert len(lines) == 1 and "2 corrupt entries" in lines[0] and "rebuilt" in lines[0], lines
     assert again.cache_stats().corrupt == 2
+
+
+def test_eval_loaders_split_the_images_between_ranks_once(fitted: EcgDataModule, monkeypatch) -> None:
+    """Under DDP each rank scores its own part of val/test, and together they score every image exactly once."""
+    import ecg_inception.data.datamodule as datamodule
+
+    dm = _reuse(fitted, batch_size=1)
+    dm.setup()
+    n = len(dm.dataset("test"))
+    monkeypatch.setattr(datamodule, "distributed_world_size", lambda: 3)  # 3 does not divide the split: no padding
+    seen = []
+    for rank in range(3):
+        monkeypatch.setattr(datamodule, "distributed_rank", lambda rank=rank: rank)
+        seen.append(list(dm.test_dataloader().sampler))
+    assert sorted(i for part in seen for i in part) == list(range(n))
+    assert len({len(part) for part in seen}) == 2 and n % 3  # uneven parts rather than repeated images
+
+
+def test_distributed_prepare_data_fills_the_decoded_cache(fitted: EcgDataModule, tmp_path: Path, monkeypatch) -> None:
+    """Lightning runs prepare_data on rank 0 while the others wait: afterwards every image is a cache hit."""
+    import ecg_inception.data.datamodule as datamodule
+
+    dm = _reuse(fitted, cache_dir=str(tmp_path))
+    monkeypatch.setattr(datamodule, "distributed_world_size", lambda: 2)
+    dm.prepare_data()
+    reader = _reuse(fitted, cache_dir=str(tmp_path))
+    reader.setup()
+    for split in ("train", "val", "test"):
+        images = reader.dataset(split)
+        for i in range(len(images)):
+            images.load_uint8(i)
+    stats = reader.cache_stats()
+    assert stats is not None and stats.misses == 0 and stats.hits == stats.lookups > 0

@@ -8,6 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ecg_inception.cli._errors import finish_run, library_errors
+from ecg_inception.sweep_summary import sweep_job
 from ecg_inception.training import get_metric_value, train
 
 PROG = "ecg-inception-train"
@@ -18,9 +19,12 @@ def main(cfg: DictConfig) -> float | None:
     """Train, test and report; returns `optimized_metric` for sweepers.
 
     Exits 2 with the message alone on a library error (a bad value, folder or checkpoint), 1 when the run
-    diverged or failed (a sweep job returns NaN instead).
+    diverged or failed. A sweep job returns NaN instead and the sweep goes on: a job that raised records its
+    error in its own folder (`ecg_inception.sweep_summary.sweep_job`, inside `library_errors` so that it sees the
+    error itself), and the sweep summary counts it; the block also keeps the DDP ranks of one sweep job apart
+    from the next (`ecg_inception.distributed`).
     """
-    with library_errors(PROG):
+    with library_errors(PROG), sweep_job() as job:
         metrics, _ = train(cfg)
         print(f"Report: {cfg.paths.output_dir}/metrics.json")
         status = str(metrics.get("status", "ok"))
@@ -28,6 +32,7 @@ def main(cfg: DictConfig) -> float | None:
         if status != "ok":
             return math.nan  # a sweep job: Optuna records a NaN objective as a failed trial and goes on
         return get_metric_value(metrics, cfg.get("optimized_metric"))
+    return job.value
 
 
 if __name__ == "__main__":

@@ -261,3 +261,51 @@ def _write_entry(entry: Path, tensor: torch.Tensor) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def distributed_world_size() -> int:
+    """The number of ranks of the initialised torch.distributed process group, 1 without one."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def distributed_rank() -> int:
+    """This process's rank in the initialised torch.distributed process group, 0 without one."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class _DecodeItem(torch.utils.data.Dataset):
+    """Item i = 0, after image i of a split (anything with `load_uint8(i)`) is in the decoded cache."""
+
+    def __init__(self, images: Any) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> int:
+        self.images.load_uint8(i)
+        return 0
+
+
+def warm_decoded_cache(datasets: list[Any], num_workers: int = 0) -> int:
+    """Put every image of `datasets` (EcgImageDataset-like) into their decoded caches, with DataLoader workers.
+
+    Args:
+        datasets: Datasets with `__len__` and `load_uint8(i)` (which reads through the cache).
+        num_workers: DataLoader workers for the pass.
+
+    Returns:
+        The number of images visited.
+    """
+    total = 0
+    for images in datasets:
+        if len(images) == 0:
+            continue
+        for _ in torch.utils.data.DataLoader(_DecodeItem(images), batch_size=16, num_workers=num_workers):
+            pass
+        total += len(images)
+    return total

@@ -25,8 +25,11 @@ from ecg_inception.data.cache import (
     DecodedCache,
     PreprocessSettings,
     default_cache_dir,
+    distributed_rank,
+    distributed_world_size,
     file_sha256,
     log_rebuilt,
+    warm_decoded_cache,
 )
 from ecg_inception.data.pages import preprocess_with
 from ecg_inception.data.split import (
@@ -283,8 +286,25 @@ class EcgDataModule(L.LightningDataModule):
         return self._root
 
     def prepare_data(self) -> None:
-        """Generate the synthetic default set if no root is given (once per machine, reused after)."""
+        """Generate the synthetic default set if no root is given (once per machine, reused after).
+
+        In a distributed fit (Lightning calls this on local rank 0 while the other ranks wait at a barrier) the
+        decoded cache is filled here too, so that every image is decoded once and the other ranks only read it.
+        """
         self.dataset_root()
+        if self.decoded_cache and distributed_world_size() > 1:
+            self.warm_decoded_cache()
+
+    def warm_decoded_cache(self) -> int:
+        """Decode every image of every split into the decoded cache (a no-op for entries already there).
+
+        Returns:
+            The number of images visited.
+        """
+        self.setup()
+        total = warm_decoded_cache([self._datasets[split] for split in SPLITS], self.num_workers)
+        log.info("decoded cache warmed: %d images", total)
+        return total
 
     def _ensure_manifest(self) -> Manifest:
         if self._manifest is None:
@@ -354,10 +374,20 @@ class EcgDataModule(L.LightningDataModule):
         # reproducible from `seed` and never draws from the global RNG (eval loaders included).
         generator = torch.Generator()
         generator.manual_seed(self.seed + SPLITS.index(split))
+        sampler = None
+        if not train and distributed_world_size() > 1:
+            # Every rank scores its own part and torchmetrics sums over ranks: each image counts once (Lightning's
+            # default sampler would pad the split with repeated images to equal lengths).
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(
+                self.dataset(split), num_replicas=distributed_world_size(), rank=distributed_rank(), shuffle=False
+            )
         return DataLoader(
             self.dataset(split),
             batch_size=self.batch_size,
             shuffle=train,
+            sampler=sampler,
             generator=generator,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

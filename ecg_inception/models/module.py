@@ -324,7 +324,8 @@ class EcgClassifier(pl.LightningModule):
         logits, aux = (out[0], out[1]) if isinstance(out, (tuple, list)) else (out, None)
         loss = self.compute_loss(logits, aux, y)
         self.train_acc(logits.detach(), y)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y))
+        # sync_dist: the epoch mean over all ranks' batches (a no-op in one process); train/acc syncs by itself.
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(y), sync_dist=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 

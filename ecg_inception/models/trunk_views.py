@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, Sampler
 
 
 def view_seed(seed: int, view: int, content: str) -> int:
@@ -100,8 +100,10 @@ def mirror_loader(inner: DataLoader, dataset: Dataset, views: int = 1, **overrid
                                   persistent_workers=inner.persistent_workers,
                                   collate_fn=getattr(dataset, "collate", inner.collate_fn))
     kwargs.update(overrides)
-    return DataLoader(dataset, batch_size=batches.batch_size, drop_last=batches.drop_last,
-                      sampler=EpochViewSampler(batches.sampler, len(inner.dataset), views),  # type: ignore[arg-type]
+    sampler: Sampler[int] = batches.sampler
+    if views > 1 or not isinstance(sampler, DistributedSampler):  # a rank's own part stays recognisable as such
+        sampler = EpochViewSampler(batches.sampler, len(inner.dataset), views)  # type: ignore[arg-type]
+    return DataLoader(dataset, batch_size=batches.batch_size, drop_last=batches.drop_last, sampler=sampler,
                       generator=inner.generator, **kwargs)
 
 
