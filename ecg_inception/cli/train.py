@@ -13,6 +13,10 @@ def main(cfg: DictConfig) -> float | None:
     """Train, test and report; returns `optimized_metric` for sweepers."""
     metrics, _ = train(cfg)
     print(f"Report: {cfg.paths.output_dir}/metrics.json")
+    test = metrics.get("test") or {}
+    if test:
+        leaky = " (LEAKY: paper protocol)" if metrics.get("leaky") else ""
+        print(f"Test accuracy {test['accuracy']:.3f}, macro-F1 {test['f1_macro']:.3f}{leaky}")
     return get_metric_value(metrics, cfg.get("optimized_metric"))
 
 
