@@ -6,7 +6,7 @@
   dev subset (Mendeley "ECG Images dataset of Cardiac Patients", CC BY 4.0).
 - `preprocessing.png`: one real page through the steps the datamodule applies: the grid box found by
   `detect_grid_box`, the crop, `ink_image` (grid removed, trace thickened), and `preprocess` to the model's
-  input (the demo's and scratch_cpu's `[128, 256]` with `ink`, beside the plain RGB squash of the same size).
+  inputs (scratch_cpu's `[128, 256]` and the demo's `[96, 192]`, both with `ink`, and the plain RGB squash).
 - `confusion_matrix.png`, `training_curves.png`: copied from a run directory (`--run`), as `train` wrote them.
 
 The preprocessing panels call `detect_grid_box`, `ink_thickening`, `ink_image` and `preprocess`, so re-running
@@ -34,7 +34,8 @@ from ecg_inception.synthetic.generate import image_rng  # noqa: E402
 from ecg_inception.synthetic.printout import render_printout  # noqa: E402
 
 FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
-INPUT_SIZE = (128, 256)  # experiment=demo and experiment=scratch_cpu: [height, width]
+SCRATCH_SIZE = (128, 256)  # experiment=scratch_cpu: [height, width]
+DEMO_SIZE = (96, 192)  # experiment=demo
 DEV_PAGE = ("normal", "Normal(1).jpg")  # label, file name in its Mendeley folder
 SYNTHETIC_PAGE = ("normal", 0)  # label, index: the first normal page of a set made with seed 0
 SOURCE_NOTE = 'Real page: Mendeley "ECG Images dataset of Cardiac Patients" (Khan & Hussain, CC BY 4.0)'
@@ -82,9 +83,7 @@ def plot_synthetic_vs_real(synthetic: Image.Image, real: Image.Image | None, out
     return out
 
 
-def plot_preprocessing(
-    page: Image.Image, out: Path, size: tuple[int, int] = INPUT_SIZE, note: str = ""
-) -> Path:
+def plot_preprocessing(page: Image.Image, out: Path, note: str = "") -> Path:
     """Write `page` through crop, ink and resize, as the datamodule does it; returns `out`."""
     box = detect_grid_box(page)
     boxed = np.asarray(page).copy()
@@ -94,23 +93,24 @@ def plot_preprocessing(
                            (top, bottom, left, left + width), (top, bottom, right - width, right)):  # fmt: skip
         boxed[max(0, y0) : y1 + 1, max(0, x0) : x1 + 1] = (0, 90, 255)
     cropped = box.crop(page)
-    inked = ink_image(cropped, ink_thickening(cropped.width, cropped.height, size))
-    plain = preprocess(page, box, size, ink=False).permute(1, 2, 0).numpy()
-    model_in = preprocess(page, box, size, ink=True).permute(1, 2, 0).numpy()
+    inked = ink_image(cropped, ink_thickening(cropped.width, cropped.height, SCRATCH_SIZE))
+
+    def model_input(size: tuple[int, int], ink: bool) -> np.ndarray:
+        return preprocess(page, box, size, ink=ink).permute(1, 2, 0).numpy()
+
     status = "fallback box" if box.fallback else "detected"
+    (h, w), (dh, dw) = SCRATCH_SIZE, DEMO_SIZE
     panels = [
         (boxed, f"1. page {page.width}x{page.height}, grid box ({status})"),
         (cropped, f"2. crop to the grid box: {cropped.width}x{cropped.height}, header gone"),
         (inked, "3. ink: grid removed, trace thickened"),
-        (model_in, f"4. model input {size[0]}x{size[1]}, ink (experiment=demo, scratch_cpu)"),
-        (plain, f"for comparison: {size[0]}x{size[1]} without ink"),
+        (model_input(SCRATCH_SIZE, True), f"4. model input {h}x{w}, ink (experiment=scratch_cpu)"),
+        (model_input(DEMO_SIZE, True), f"model input {dh}x{dw}, ink (experiment=demo)"),
+        (model_input(SCRATCH_SIZE, False), f"for comparison: {h}x{w} without ink"),
     ]
-    fig = plt.figure(figsize=(12, 8.2))
-    grid = fig.add_gridspec(3, 2, height_ratios=[1.25, 1.0, 0.62])
-    for (img, title), spec in zip(
-        panels, [grid[0, 0], grid[0, 1], grid[1, 0], grid[1, 1], grid[2, 1]], strict=True
-    ):
-        _show(fig.add_subplot(spec), img, title)
+    fig, axes = plt.subplots(3, 2, figsize=(12, 9.6), gridspec_kw={"height_ratios": [1.25, 1.0, 1.0]})
+    for ax, (img, title) in zip(axes.flat, panels, strict=True):
+        _show(ax, img, title)
     if note:
         fig.text(0.5, 0.01, note, ha="center", fontsize=7)
     fig.tight_layout()
