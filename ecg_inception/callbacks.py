@@ -1,4 +1,5 @@
-"""Training callbacks of our own: best weights kept in memory for sweeps; a run-long weight average (EMA)."""
+"""Training callbacks of our own: best weights kept in memory for sweeps; a run-long weight average (EMA); a stop at
+the first non-finite loss."""
 
 from __future__ import annotations
 
@@ -9,9 +10,31 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks import EMAWeightAveraging, WeightAveraging
+
+from ecg_inception.errors import TrainingDivergedError
 
 log = logging.getLogger(__name__)
+
+
+class FiniteLoss(pl.Callback):
+    """Stop a fit at the first NaN or infinite training loss with `TrainingDivergedError` (step, epoch, lr).
+
+    Without it a diverged run goes on to validate NaN weights, picks a "best" checkpoint among them and reports
+    chance accuracy as if it were a result.
+    """
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor) or bool(torch.isfinite(loss.detach()).all()):
+            return
+        lr = None
+        if trainer.optimizers:
+            lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+        value = float(loss.detach().float().reshape(-1)[0])
+        raise TrainingDivergedError(step=trainer.global_step, epoch=trainer.current_epoch, value=value, lr=lr)
 
 
 class BestWeights(pl.Callback):
@@ -21,6 +44,10 @@ class BestWeights(pl.Callback):
     would cost more than the training itself. This callback copies only the tensors that can change (the
     trainable parameters and the buffers of modules that own them) whenever the monitored value improves,
     puts them back at the end of `fit`, and writes one weights-only checkpoint to `save_path` if given.
+
+    The copy is of the weights that validation scored: with a weight average (`EmaWeights`) those are the averaged
+    weights, which the average swaps out again before `on_validation_end`. Blocks that a later `GradualUnfreeze`
+    opens were frozen at the best epoch; their values are added to the copy just before they first train.
     """
 
     def __init__(self, monitor: str = "val/acc", mode: str = "max", save_path: str | None = None) -> None:
@@ -53,6 +80,17 @@ class BestWeights(pl.Callback):
             return True
         return value > self.best_score if self.mode == "max" else value < self.best_score
 
+    @staticmethod
+    def _validated_module(trainer: pl.Trainer, pl_module: pl.LightningModule) -> torch.nn.Module:
+        """The module whose weights the last validation ran with: a running weight average's, else `pl_module`."""
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(cb, EmaWeights):
+                if cb.averaging():
+                    return cb.averaged_module()
+            elif isinstance(cb, WeightAveraging) and cb._average_model is not None:
+                return cb._average_model.module
+        return pl_module
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or self.monitor not in trainer.callback_metrics:
             return
@@ -60,8 +98,20 @@ class BestWeights(pl.Callback):
         if not self._improved(value):
             return
         self.best_score, self.best_epoch = value, trainer.current_epoch
-        state = pl_module.state_dict()
+        state = self._validated_module(trainer, pl_module).state_dict()
         self._state = {k: state[k].detach().clone() for k in self._changing_keys(pl_module) if k in state}
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # GradualUnfreeze opens blocks in on_train_epoch_start; before their first step they still hold the
+        # (frozen) values they had at the best epoch, so those values complete the best state.
+        if batch_idx != 0 or self._state is None:
+            return
+        fresh = [k for k in self._changing_keys(pl_module) if k not in self._state]
+        if fresh:
+            state = self._validated_module(trainer, pl_module).state_dict()
+            self._state.update({k: state[k].detach().clone() for k in fresh if k in state})
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._state is None:
@@ -97,6 +147,20 @@ class EmaWeights(EMAWeightAveraging):
 
     def _started(self) -> bool:
         return self._average_model is not None and int(self._average_model.n_averaged) > 0
+
+    def averaging(self) -> bool:
+        """True while fitting once the average has started: validation then runs with the averaged weights."""
+        return self._started()
+
+    def averaged_module(self) -> torch.nn.Module:
+        """The averaged copy of the module (between validations it holds the averaged weights).
+
+        Raises:
+            RuntimeError: outside `fit`, where there is no average.
+        """
+        if self._average_model is None:
+            raise RuntimeError("EmaWeights: there is no averaged model outside fit")
+        return self._average_model.module
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -41,3 +41,15 @@ class CheckpointError(EcgInceptionError, ValueError):
 
 class ConfigValueError(EcgInceptionError, ValueError):
     """A configuration value (from a config, a checkpoint or a run folder) is missing, mistyped or not allowed."""
+
+
+class TrainingDivergedError(EcgInceptionError, ArithmeticError):
+    """The training loss became NaN or infinite; `step` and `epoch` say where, `value` what it was."""
+
+    def __init__(self, step: int, epoch: int, value: float, lr: float | None = None) -> None:
+        self.step, self.epoch, self.value, self.lr = int(step), int(epoch), float(value), lr
+        rate = f" (learning rate {lr:.3g})" if lr is not None else ""
+        super().__init__(
+            f"training diverged: the loss is {value} at step {self.step} (epoch {self.epoch}); the likely cause is a "
+            f"learning rate that is too high{rate}: lower model.optimizer.lr and check the inputs"
+        )

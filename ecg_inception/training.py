@@ -21,16 +21,27 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
-from ecg_inception.callbacks import BestWeights
+from ecg_inception.callbacks import BestWeights, FiniteLoss
 from ecg_inception.data.datamodule import EcgDataModule
+from ecg_inception.data.whole_folder import check_folder, training_copies, write_whole_folder_manifest
+from ecg_inception.errors import ConfigValueError, DatasetError, TrainingDivergedError
 from ecg_inception.models.backbone import check_pretrained_available
 from ecg_inception.models.module import EcgClassifier
 from ecg_inception.models.trunk_cache import TrunkCachedDataModule, maybe_use_trunk_cache
 from ecg_inception.report import MetricsHistory, write_report
+from ecg_inception.run_setup import (
+    check_train_config,
+    data_overrides_for_weights,
+    report_excluded,
+    stopped_report,
+)
 
 log = logging.getLogger(__name__)
 
 SPLITS_FILE = "splits.csv"
+#: metrics.json `status`: the run finished, its loss became non-finite, or it stopped on another error.
+STATUSES = ("ok", "diverged", "failed")
+EVAL_SPLITS = ("val", "test")
 
 
 def instantiate_named(group: str, group_cfg: DictConfig | None) -> list[Any]:
@@ -119,6 +130,7 @@ def setup_datamodule(
                 dm.prepare_data()
                 dm.setup("fit")
                 shutil.copyfile(shared_path, output_dir / SPLITS_FILE)
+                report_excluded(dm.manifest, shared_path)
                 return dm
         split_manifest = str(shared_path)
     dm = instantiate(
@@ -126,6 +138,7 @@ def setup_datamodule(
     )
     dm.prepare_data()
     dm.setup("fit")
+    report_excluded(dm.manifest, output_dir / SPLITS_FILE)
     return dm
 
 
@@ -135,8 +148,8 @@ def _best_checkpoint(callbacks: list[Callback]) -> tuple[str | None, str | None]
     With ModelCheckpoint the best file is loaded for testing; BestWeights has already put the best weights
     back into the model, so testing uses the model as it is.
     """
-    for cb in callbacks:
-        if isinstance(cb, ModelCheckpoint) and cb.best_model_path:
+    for cb in callbacks:  # a checkpoint without a monitor (last.ckpt) is the latest, not the best
+        if isinstance(cb, ModelCheckpoint) and cb.monitor and cb.best_model_path:
             return cb.best_model_path, cb.best_model_path
     for cb in callbacks:
         if isinstance(cb, BestWeights):
@@ -149,12 +162,16 @@ def _scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
 
 
 def get_metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
-    """The value a sweeper optimises, from the logged scalars of a run; a missing name is an error."""
+    """The value a sweeper optimises, from the logged scalars of a run.
+
+    Raises:
+        ConfigValueError: when `name` was not logged.
+    """
     if not name:
         return None
     logged = metrics.get("logged", {})
     if name not in logged:
-        raise KeyError(f"optimized_metric={name!r} was not logged; logged: {sorted(logged)}")
+        raise ConfigValueError(f"optimized_metric={name!r} was not logged; logged: {sorted(logged)}")
     return float(logged[name])
 
 
@@ -188,11 +205,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     check_pretrained_available(
         str(cfg.model.model_name), cfg.model.get("pretrained"), cfg.model.get("pretrained_file")
     )
+    check_train_config(cfg)
     ckpt = resolve_ckpt_path(
         cfg.get("ckpt_path"), output_dir, Path(str(cfg.paths.log_dir)), str(cfg.task_name)
     )
+    if not cfg.get("train", True):
+        return _test_checkpoint(cfg, ckpt)
     datamodule = setup_datamodule(
-        cfg, output_dir, _split_manifest_for(cfg, ckpt), drop_last=bool(cfg.model.get("aux_logits", False))
+        cfg, output_dir, _split_manifest_for(cfg, ckpt), drop_last=bool(cfg.model.get("aux_logits", False)),
+        **data_overrides_for_weights(cfg),
     )
     model: EcgClassifier = instantiate(
         cfg.model,
@@ -205,7 +226,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     loaders = maybe_use_trunk_cache(cfg, model, datamodule)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     history = MetricsHistory()
-    callbacks.append(history)
+    callbacks += [history, FiniteLoss()]
     loggers = instantiate_loggers(cfg.get("logger"))
     extra: dict[str, Any] = {}
     if "enable_checkpointing" not in cfg.trainer and not any(
@@ -216,8 +237,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         extra["enable_checkpointing"] = False
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
 
-    if cfg.get("train", True):
+    objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer, "history": history}
+    try:
         trainer.fit(model=model, datamodule=loaders, ckpt_path=str(ckpt) if ckpt else None)
+    except TrainingDivergedError as err:
+        log.error("%s", err)
+        return stopped_report(output_dir, "diverged", err, datamodule, trainer, history, started), objects
+    except Exception as err:
+        stopped_report(output_dir, "failed", err, datamodule, trainer, history, started)
+        raise
     logged = _scalar_metrics(trainer)
     best, eval_ckpt = _best_checkpoint(callbacks)
     trainer.validate(model=model, datamodule=loaders, ckpt_path=eval_ckpt, verbose=False)
@@ -227,6 +255,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     manifest = datamodule.manifest
     metrics: dict[str, Any] = {
+        "status": "ok",
         "labels": list(datamodule.labels),
         "protocol": manifest.protocol,
         "leaky": bool(manifest.leaky),
@@ -242,8 +271,21 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     }
     write_report(output_dir, metrics, history.rows, plots=bool(cfg.get("plots", True)))
     log.info("Report written to %s", output_dir)
-    objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer, "history": history}
     return metrics, objects
+
+
+def _test_checkpoint(cfg: DictConfig, ckpt: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`train=false`: score the given checkpoint exactly as `ecg-inception-eval` does (same function)."""
+    if ckpt is None:
+        raise ConfigValueError(
+            "train=false needs ckpt_path=/path/to/model.ckpt (or ckpt_path=last): without training there is no "
+            "model to test"
+        )
+    ev = cfg.copy()
+    OmegaConf.set_struct(ev, False)
+    ev.ckpt_path = str(ckpt)
+    ev.splits = ["val", "test"] if cfg.get("test", True) else ["val"]
+    return evaluate(ev)
 
 
 RUN_DATA_KEYS = ("root", "protocol", "synthetic_per_class", "seed", "fractions", "balance", "balance_stage")
@@ -264,8 +306,25 @@ def _run_data_settings(cfg: DictConfig, ckpt: Path) -> dict[str, Any]:
     return settings
 
 
+def _eval_splits(cfg: DictConfig) -> list[str]:
+    """The splits eval scores: val and/or test (with eval_all, test only: the whole folder is the test role)."""
+    if cfg.get("eval_all", False):
+        return ["test"]
+    splits = [str(s) for s in (cfg.get("splits") or [])]
+    bad = [s for s in splits if s not in EVAL_SPLITS]
+    if bad or not splits:
+        raise ConfigValueError(
+            f"splits={splits}: eval scores {list(EVAL_SPLITS)} (one or both); the train split is what the model "
+            "was fitted on and is not scored. To score other files, use data.root=/folder eval_all=true"
+        )
+    return splits
+
+
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Evaluate a checkpoint with the preprocessing, labels and split of its run (`ecg-inception-eval`).
+
+    With `eval_all=true` and `data.root=/folder`, every file of that folder is scored (test role), and the report
+    says how many of them are byte copies of the run's training files.
 
     Args:
         cfg: a composed `eval.yaml` config; `cfg.ckpt_path` names the checkpoint (a path or `last`),
@@ -277,6 +336,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         `cfg`, `datamodule`, `model` and `trainer`.
 
     Raises:
+        ConfigValueError: splits other than val/test, or eval_all without data.root.
+        DatasetError: a folder whose classes are not the checkpoint's.
         FileNotFoundError: `ckpt_path` names no checkpoint (or `last` finds none).
         ValueError: the checkpoint's labels differ from the data's.
         ManifestError: the split manifest does not fit the data.
@@ -284,6 +345,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     output_dir = Path(str(cfg.paths.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True)
+    splits = _eval_splits(cfg)
     ckpt = resolve_ckpt_path(str(cfg.ckpt_path), output_dir, Path(str(cfg.paths.log_dir)), "train")
     assert ckpt is not None
     model = EcgClassifier.load_from_checkpoint(
@@ -297,10 +359,21 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         ("resize", "resize"),
         ("crop", "crop"),
         ("ink", "ink"),
+        ("mean", "mean"),
+        ("std", "std"),
+        ("interpolation", "interpolation"),
     ):
         if key_ckpt in prep:
             overrides[key_data] = prep[key_ckpt]
-    split_manifest = _split_manifest_for(cfg, ckpt)
+    labels = list(model.hparams.get("labels") or [])
+    run_manifest = ckpt.parent.parent / SPLITS_FILE
+    if cfg.get("eval_all", False):
+        if cfg.data.get("root") is None:
+            raise ConfigValueError("eval_all=true needs data.root=/path/to/labelled/folder")
+        split_manifest: str | None = str(write_whole_folder_manifest(
+            cfg.data.root, str(cfg.data.get("protocol", "leakfree")), labels, output_dir / "whole_folder.csv"))
+    else:
+        split_manifest = _split_manifest_for(cfg, ckpt)
     if split_manifest is None:
         log.warning(
             "%s: no splits.csv beside this checkpoint and no data.split_manifest given: the data is "
@@ -308,20 +381,24 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             ckpt,
         )
     datamodule = setup_datamodule(cfg, output_dir, split_manifest, **overrides)
-    labels = list(model.hparams.get("labels") or [])
     if labels and labels != list(datamodule.labels):
-        raise ValueError(
+        raise DatasetError(
             f"{ckpt}: the checkpoint was trained on labels {labels}, the data has {list(datamodule.labels)}"
         )
+    if cfg.data.get("root") is not None:  # a folder given to eval: its classes must be the checkpoint's
+        check_folder(datamodule.dataset_root(), labels or list(datamodule.labels), datamodule.manifest)
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False)
-    splits = list(cfg.get("splits", ["val", "test"]))
+    logged: dict[str, float] = {}
     if "val" in splits:
         trainer.validate(model=model, datamodule=datamodule, verbose=False)
+        logged.update(_scalar_metrics(trainer))
     if "test" in splits:
         trainer.test(model=model, datamodule=datamodule, verbose=False)
+        logged.update(_scalar_metrics(trainer))
     manifest = datamodule.manifest
     metrics: dict[str, Any] = {
+        "status": "ok",
         "labels": list(datamodule.labels),
         "protocol": manifest.protocol,
         "leaky": bool(manifest.leaky),
@@ -331,6 +408,11 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     }
     for split in splits:
         metrics[split] = model.last_reports.get(split)
+    if cfg.get("eval_all", False):
+        metrics["eval_all"] = True
+        metrics["training_copies"] = training_copies((r.sha256 for r in manifest.rows), run_manifest)
+        log.info("eval_all: %s", metrics["training_copies"]["note"])
+    metrics["logged"] = logged
     write_report(output_dir, metrics, plots=bool(cfg.get("plots", True)))
     log.info("Report written to %s", output_dir)
     return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}

@@ -29,6 +29,47 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def tiny_overrides(root: Path, tmp: Path, out: str = "run") -> list[str]:
+    """Overrides for a tiny CPU run: 75 px, batch 4, random init, everything trains, 2 epochs, quiet."""
+    return [
+        f"data.root={root}",
+        "data.image_size=75",
+        "data.batch_size=4",
+        "data.num_workers=0",
+        f"paths.cache_dir={tmp / 'cache'}",
+        f"paths.log_dir={tmp / 'logs'}",
+        f"paths.output_dir={tmp / out}",
+        "model.pretrained=false",
+        "model.aux_logits=false",
+        "model/unfreeze=all",
+        "trainer.max_epochs=2",
+        "callbacks.rich_progress_bar=null",
+        "+trainer.enable_model_summary=false",
+        "+trainer.enable_progress_bar=false",
+    ]
+
+
+def compose_cfg(name: str, overrides: list[str]):
+    """Compose a shipped config (train or eval) with the compose API."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="ecg_inception.conf", version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def trained(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One tiny 2-epoch run on the synthetic set, shared by the training, evaluation and resume tests."""
+    from ecg_inception.training import train
+
+    tmp = tmp_path_factory.mktemp("train")
+    cfg = compose_cfg("train", tiny_overrides(synthetic_root, tmp))
+    metrics, objects = train(cfg)
+    return tmp, cfg, metrics, objects
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads run ~5x slower than one."""

@@ -119,6 +119,30 @@ def test_conflicts_unreadable_and_ignored_are_counted_per_class(synthetic_root: 
     assert table.splitlines()[-1].split() == ["total", "7", "6", "1", "2", "0", "1"]
 
 
+def test_conflicts_inside_near_duplicate_groups_match_what_the_split_excludes(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """A re-encoded copy filed under another class is a label conflict too: the leak-free split drops both files,
+    so the audit must count it (before the fix it counted exact-copy conflicts only)."""
+    from PIL import Image
+
+    from ecg_inception.data.split import make_split
+
+    root = small_tree(synthetic_root, tmp_path / "near")
+    mi, normal = MENDELEY_FOLDERS["myocardial_infarction"], MENDELEY_FOLDERS["normal"]
+    with Image.open(root / mi / "MI(2).jpg") as img:
+        img.convert("RGB").save(root / normal / "recoded MI(2).jpg", quality=70)
+    report = audit_folder(root, workers=1)
+    assert [f"{mi}/MI(2).jpg", f"{normal}/recoded MI(2).jpg"] in report.conflicts
+    assert len(report.conflicts) == 2
+    total = {r.label: r for r in report.per_class_table()}["total"]
+    assert total.conflicts == 2
+    split = make_split(report, "leakfree", seed=0)
+    dropped = sorted(p for p, why in split.excluded if why.startswith("label conflict"))
+    assert dropped == sorted(p for group in report.conflicts for p in group)
+    assert report.to_json()["conflicts"] == [list(g) for g in report.conflicts]
+
+
 def test_group_ids_merge_near_duplicate_groups() -> None:
     shas = {p: hashlib.sha256(p.encode()).hexdigest() for p in ("a/1.jpg", "a/2.jpg", "b/3.jpg", "b/4.jpg")}
     shas["b/4.jpg"] = shas["a/1.jpg"]  # exact copy

@@ -71,7 +71,7 @@ def test_paper_experiment_is_the_seed_setup() -> None:
     assert cfg.callbacks.early_stopping.patience == 10
     assert cfg.callbacks.early_stopping.monitor == "val/loss"
     assert cfg.callbacks.model_checkpoint.monitor == "val/acc"
-    assert cfg.callbacks.model_checkpoint.save_last is True
+    assert cfg.callbacks.last_checkpoint.filename == "last" and cfg.callbacks.last_checkpoint.monitor is None
     leak = _compose(overrides=["experiment=leakfree", "paths.output_dir=x"])
     assert leak.data.protocol == "leakfree"
     assert OmegaConf.to_container(leak.model) == OmegaConf.to_container(cfg.model)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -113,6 +115,32 @@ def test_keras_table_matches_the_code(aux_model) -> None:
             assert not weighted <= _trainable(aux_model)
     assert {KERAS_MIXED10[k] for k in KERAS_EQUIVALENTS[-10].keras_trainable if k in KERAS_MIXED10} == {
         "Mixed_7c.branch_pool.bn"}
+
+
+KERAS_FIXTURE = Path(__file__).parent / "fixtures" / "keras_inception_v3_last10.json"
+
+
+def test_keras_last_ten_layers_fixture_maps_to_the_layers_the_code_trains(aux_model) -> None:
+    """The cited record of Keras' base.layers[-10:] (tests/fixtures, with the Keras version and how it was derived)
+    against the code: every Keras layer with weights in the tail maps to a timm module that trains, and nothing
+    else in the trunk trains; the same for the seed's -3."""
+    record = json.loads(KERAS_FIXTURE.read_text(encoding="utf-8"))
+    assert record["keras_version"] and record["sources"]
+    tail = record["layers"]
+    assert [entry["position"] for entry in tail] == list(range(-10, 0))
+    names = [entry["name"] for entry in tail]
+    heads = {"fc"} | {n for n in _trainable(aux_model) if n.startswith("AuxLogits")}
+    for offset, entry in KERAS_EQUIVALENTS.items():
+        keras_tail = tail[len(tail) + offset:]
+        assert tuple(e["name"] for e in keras_tail) == entry.keras_trainable, offset
+        weighted = [e["name"] for e in keras_tail if e["weights"]]
+        assert all(e["class"] in ("Activation", "Concatenate") for e in keras_tail if not e["weights"])
+        expected = {KERAS_MIXED10[name] for name in weighted}
+        apply_unfreeze(aux_model, layers=entry.unfreeze_layers)
+        assert _trainable(aux_model) - heads == expected, offset
+    assert [e["name"] for e in tail if e["weights"]] == ["batch_normalization_93"] and names[-1] == "mixed10"
+    bn = aux_model.get_submodule(KERAS_MIXED10["batch_normalization_93"])
+    assert bn.num_features == tail[4]["channels"] == 192
 
 
 def test_gradual_unfreeze_schedule_validation() -> None:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
+from conftest import compose_cfg, tiny_overrides
 
 from ecg_inception.training import evaluate, train
 
@@ -28,39 +28,6 @@ METRIC_KEYS = {
     "per_class",
     "confusion_matrix",
 }
-
-
-def tiny_overrides(root: Path, tmp: Path, out: str = "run") -> list[str]:
-    return [
-        f"data.root={root}",
-        "data.image_size=75",
-        "data.batch_size=4",
-        "data.num_workers=0",
-        f"paths.cache_dir={tmp / 'cache'}",
-        f"paths.log_dir={tmp / 'logs'}",
-        f"paths.output_dir={tmp / out}",
-        "model.pretrained=false",
-        "model.aux_logits=false",
-        "model/unfreeze=all",
-        "trainer.max_epochs=2",
-        "callbacks.rich_progress_bar=null",
-        "+trainer.enable_model_summary=false",
-        "+trainer.enable_progress_bar=false",
-    ]
-
-
-def compose_cfg(name: str, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="ecg_inception.conf", version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
-
-
-@pytest.fixture(scope="module")
-def trained(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("train")
-    cfg = compose_cfg("train", tiny_overrides(synthetic_root, tmp))
-    metrics, objects = train(cfg)
-    return tmp, cfg, metrics, objects
 
 
 def test_run_dir_holds_the_full_report(trained) -> None:
@@ -97,13 +64,58 @@ def test_same_seed_gives_identical_metrics(trained, synthetic_root: Path, tmp_pa
     assert second["test"] == first["test"]
 
 
+def _torch_load(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _assert_tensors_equal(a, b, where: str) -> None:
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for key in a:
+            _assert_tensors_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_tensors_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
 @pytest.mark.slow
-def test_resume_from_last_checkpoint(trained, synthetic_root: Path) -> None:
-    tmp, cfg, _, objects = trained
-    overrides = tiny_overrides(synthetic_root, tmp) + ["ckpt_path=last", "trainer.max_epochs=3"]
+def test_resume_matches_an_uninterrupted_run(trained, synthetic_root: Path, tmp_path: Path) -> None:
+    """2 epochs + resume to 3 against 3 epochs in one go: same weights, optimiser state and metrics at the resume
+    point, and `val/acc_best` (a MaxMetric) covers the epochs before the resume (before the fix it was not in the
+    checkpoint, so after `ckpt_path=last` it covered only the epochs after it)."""
+    _, cfg, _, _ = trained
+    every = tmp_path / "every_epoch"
+    straight = tiny_overrides(synthetic_root, tmp_path, out="straight") + [
+        "trainer.max_epochs=3",
+        f"+callbacks.every_epoch={{_target_:lightning.pytorch.callbacks.ModelCheckpoint,dirpath:{every},"
+        "save_top_k:-1,every_n_epochs:1,mode:max}",
+    ]
+    _, straight_objs = train(compose_cfg("train", straight))
+    interrupted = _torch_load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    at_epoch_1 = _torch_load(next(every.glob("epoch=1-*.ckpt")))
+    _assert_tensors_equal(interrupted["state_dict"], at_epoch_1["state_dict"], "state_dict")
+    _assert_tensors_equal(interrupted["optimizer_states"], at_epoch_1["optimizer_states"], "optimizer_states")
+    accs = [row["val/acc"] for row in straight_objs["history"].rows]
+    assert float(interrupted["val_acc_best"]) == pytest.approx(max(accs[:2]))
+
+    shutil.copytree(Path(cfg.paths.output_dir), tmp_path / "run")  # the shared run stays as it was
+    overrides = tiny_overrides(synthetic_root, tmp_path) + ["ckpt_path=last", "trainer.max_epochs=3"]
     resumed, objs = train(compose_cfg("train", overrides))
-    assert objs["trainer"].current_epoch == 3
-    assert resumed["epochs"] == 3
+    assert objs["trainer"].current_epoch == 3 and resumed["epochs"] == 3
+    rows = objs["history"].rows
+    assert [row["epoch"] for row in rows] == [0.0, 1.0, 2.0]
+    for before, again in zip(straight_objs["history"].rows[:2], rows[:2], strict=True):
+        assert before == pytest.approx(again)
+    assert resumed["logged"]["val/acc_best"] == pytest.approx(max(row["val/acc"] for row in rows))
 
 
 def test_evaluate_uses_checkpoint_preprocessing(trained, tmp_path: Path) -> None:

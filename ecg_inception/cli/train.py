@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
+import math
+
 import hydra
 from omegaconf import DictConfig
 
+from ecg_inception.cli._errors import finish_run, library_errors
 from ecg_inception.training import get_metric_value, train
+
+PROG = "ecg-inception-train"
 
 
 @hydra.main(version_base="1.3", config_path="pkg://ecg_inception.conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Train, test and report; returns `optimized_metric` for sweepers."""
-    metrics, _ = train(cfg)
-    print(f"Report: {cfg.paths.output_dir}/metrics.json")
-    test = metrics.get("test") or {}
-    if test:
-        leaky = " (LEAKY: paper protocol)" if metrics.get("leaky") else ""
-        print(f"Test accuracy {test['accuracy']:.3f}, macro-F1 {test['f1_macro']:.3f}{leaky}")
-    return get_metric_value(metrics, cfg.get("optimized_metric"))
+    """Train, test and report; returns `optimized_metric` for sweepers.
+
+    Prints where the report is, then the test accuracy and macro-F1. Exits 2 with the message alone on a
+    library error (a bad value, folder or checkpoint), 1 when the run diverged or failed (a sweep job returns
+    NaN instead).
+    """
+    with library_errors(PROG):
+        metrics, _ = train(cfg)
+        print(f"Report: {cfg.paths.output_dir}/metrics.json")
+        test = metrics.get("test") or {}
+        if test:
+            leaky = " (LEAKY: paper protocol)" if metrics.get("leaky") else ""
+            print(f"Test accuracy {test['accuracy']:.3f}, macro-F1 {test['f1_macro']:.3f}{leaky}")
+        status = str(metrics.get("status", "ok"))
+        finish_run(PROG, status, metrics.get("error"))
+        if status != "ok":
+            return math.nan  # a sweep job: Optuna records a NaN objective as a failed trial and goes on
+        return get_metric_value(metrics, cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":

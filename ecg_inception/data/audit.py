@@ -71,7 +71,7 @@ class AuditReport:
     near_groups: list[
         list[str]
     ]  # groups of exact-group representatives merged by perceptual hash (size >= 2 only)
-    conflicts: list[list[str]]  # exact groups whose files carry different labels
+    conflicts: list[list[str]]  # splitting groups (exact + near copies) whose files carry different labels
     crops: dict[str, CropBox] = field(default_factory=dict)  # rel_path -> box, one entry per readable file
     near_threshold: int | None = None  # Hamming threshold used for near_groups; None when not searched
     grid_hashes: dict[str, np.ndarray] = field(
@@ -334,15 +334,21 @@ def audit_folder(
     if near_duplicates:
         rep_hashes = {g[0]: hashes[sha_of[g[0]]] for g in groups}
         near = near_duplicate_groups(list(rep_hashes), list(rep_hashes.values()), threshold)
-    return AuditReport(
+    report = AuditReport(
         scan=scan,
         exact_groups=groups,
         near_groups=near,
-        conflicts=label_conflicts(groups, labels),
+        conflicts=[],
         crops=crops,
         near_threshold=threshold if near_duplicates else None,
         grid_hashes=rep_hashes,
     )
+    # Conflicts over the groups the split moves as a whole (near copies merged), as the split excludes them.
+    merged: dict[str, list[str]] = {}
+    for path, gid in report.group_ids().items():
+        merged.setdefault(gid, []).append(path)
+    report.conflicts = sorted(label_conflicts((sorted(g) for g in merged.values()), labels))
+    return report
 
 
 def format_table(rows: Iterable[ClassCounts]) -> str:

@@ -7,6 +7,7 @@ carries labels, groups and crop boxes, so every job of a sweep trains on exactly
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -192,7 +193,8 @@ class EcgDataModule(L.LightningDataModule):
         num_workers: DataLoader workers; None: `default_num_workers()`.
         pin_memory: None: on when CUDA is available.
         persistent_workers: None: on when num_workers > 0.
-        model_name: the timm model whose pretrained config gives size, mean, std and interpolation.
+        model_name: the timm model whose pretrained config gives size, mean, std and interpolation (it may
+            name a tag: `inception_v3.gluon_in1k`).
         image_size: an int (square) or [height, width]; None: the model's pretrained input size.
         resize: `squash` (stretch, the paper's) or `letterbox` (keep aspect, white bars).
         crop: crop to the grid box; None: the protocol's default (on for leakfree, off for paper).
@@ -205,6 +207,9 @@ class EcgDataModule(L.LightningDataModule):
         manifest_out: also write the manifest (and its `.excluded.csv` sidecar) here.
         synthetic_per_class: printouts per class of the synthetic default set (root None).
         ink: remove the pink grid and thicken the trace before resizing (`transforms.ink_image`).
+        mean: normalisation mean per channel; None: the timm config of `model_name`.
+        std: normalisation std per channel; None: the timm config of `model_name`.
+        interpolation: resize interpolation; None: the timm config of `model_name`.
 
     Raises:
         ValueError: an unknown protocol, resize or augment_kind, a batch size below 1, bad fractions or a bad
@@ -238,6 +243,9 @@ class EcgDataModule(L.LightningDataModule):
         manifest_out: str | None = None,
         synthetic_per_class: int = 40,
         ink: bool = False,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        interpolation: str | None = None,
     ) -> None:
         super().__init__()
         defaults = protocol_defaults(protocol)
@@ -274,6 +282,15 @@ class EcgDataModule(L.LightningDataModule):
         self.manifest_out = None if manifest_out is None else str(manifest_out)
         self.synthetic_per_class = int(synthetic_per_class)
         self.ink = bool(ink)
+        # Normalisation given explicitly (a checkpoint's stored values) wins over the timm config's.
+        self.normalisation = {
+            k: v for k, v in (("mean", _plain(mean)), ("std", _plain(std)), ("interpolation", interpolation))
+            if v is not None
+        }
+        for key in ("mean", "std"):
+            value = self.normalisation.get(key)
+            if value is not None and (len(value) != 3 or (key == "std" and min(value) <= 0)):
+                raise ValueError(f"{key} must be 3 numbers (std > 0), got {value}")
         self._root: Path | None = None
         self._manifest: Manifest | None = None
         self._config: DataConfig | None = None
@@ -413,9 +430,17 @@ class EcgDataModule(L.LightningDataModule):
 
     @property
     def data_config(self) -> DataConfig:
-        """Input size, mean, std and interpolation from the timm model's pretrained config."""
+        """Input size, mean, std and interpolation from the timm model's pretrained config (`model_name` may name
+        a tag, e.g. inception_v3.gluon_in1k); explicit mean/std/interpolation win."""
         if self._config is None:
-            self._config = resolve_data_config(self.model_name, self.image_size)
+            config = resolve_data_config(self.model_name, self.image_size)
+            norm = self.normalisation
+            self._config = dataclasses.replace(
+                config,
+                mean=tuple(float(v) for v in norm.get("mean", config.mean)),
+                std=tuple(float(v) for v in norm.get("std", config.std)),
+                interpolation=str(norm.get("interpolation", config.interpolation)),
+            )
         return self._config
 
     @property

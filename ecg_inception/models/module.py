@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,7 +23,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ecg_inception.data.transforms import parse_image_size
-from ecg_inception.errors import PretrainedWeightsError
+from ecg_inception.errors import CheckpointError, ConfigValueError, PretrainedWeightsError
 from ecg_inception.models.backbone import create_backbone, head_names
 from ecg_inception.models.freezing import (
     GradualUnfreeze,
@@ -45,7 +46,11 @@ SCHEDULERS: dict[str, Callable[..., Any]] = {
     "plateau": torch.optim.lr_scheduler.ReduceLROnPlateau, "onecycle": torch.optim.lr_scheduler.OneCycleLR,
 }
 DEFAULT_OPTIMIZER: dict[str, Any] = {"name": "adam", "lr": 1e-3}
+#: Checkpoint key of the best validation accuracy so far (a float), restored on load and resume.
+VAL_ACC_BEST_KEY = "val_acc_best"
 AUX_MIN_SIZE = 299  # timm's inception_v3 aux head fails on smaller inputs
+#: Smallest input side each architecture's trunk accepts (inception_v3: 74 px fails in Mixed_7a's stride-2 convs).
+TRUNK_MIN_SIZE: dict[str, int] = {"inception_v3": 75}
 _LIGHTNING_KEYS = ("interval", "frequency", "monitor")
 _PLAIN = (bool, int, float, str, type(None))
 
@@ -86,6 +91,35 @@ def describe_callable(factory: Callable[..., Any]) -> dict[str, Any]:
     if args or not _is_plain(keywords):
         return {"name": name, "repr": repr(factory), "rebuildable": False}
     return {"name": name, **keywords}
+
+
+def min_input_size(model_name: str, aux_logits: bool) -> int | None:
+    """The smallest input side the model accepts: 299 with inception's aux head, its trunk's minimum else (None when
+    the architecture is not known here)."""
+    arch = model_name.split(".", 1)[0]
+    if aux_logits and arch == "inception_v3":
+        return AUX_MIN_SIZE
+    return TRUNK_MIN_SIZE.get(arch)
+
+
+def check_image_size(image_size: Any, model_name: str, aux_logits: bool) -> None:
+    """Refuse a `data.image_size` below the model's real minimum, naming the value and the minimum.
+
+    Raises:
+        ConfigValueError: when either side is below the minimum.
+    """
+    minimum = min_input_size(model_name, aux_logits)
+    image_size = to_plain(image_size)
+    if image_size is None or minimum is None:
+        return
+    sides = parse_image_size(image_size)
+    if min(sides) < minimum:
+        why = "with model.aux_logits=true (the aux head's 5x5 conv)" if aux_logits else "for its trunk"
+        fix = "set model.aux_logits=false or " if aux_logits and minimum == AUX_MIN_SIZE else ""
+        raise ConfigValueError(
+            f"data.image_size={image_size}: {model_name} needs inputs of at least {minimum} px on each side {why}; "
+            f"{fix}use data.image_size>={minimum}"
+        )
 
 
 def _resolve(name: str, table: Mapping[str, Callable[..., Any]], what: str) -> Callable[..., Any]:
@@ -196,6 +230,8 @@ class EcgClassifier(pl.LightningModule):
                 f"conv), but the data is resized to {size} px: set model.aux_logits=false or "
                 f"data.image_size>={AUX_MIN_SIZE}"
             )
+        if size is not None:
+            check_image_size(size, model_name, False)  # the trunk's own minimum (75 px for inception_v3)
         parse_trunk_cache(trunk_cache), parse_views(trunk_cache_views)  # fail fast; train() acts on them
         self.save_hyperparameters()
 
@@ -213,6 +249,7 @@ class EcgClassifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.eval_metrics = nn.ModuleDict({s: build_metrics(num_classes) for s in ("val", "test")})
         self.eval_loss = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
+        # Saved as checkpoint["val_acc_best"] (on_save_checkpoint), so that a resume keeps the best so far.
         self.val_acc_best = MaxMetric()
         self.last_reports: dict[str, dict[str, Any]] = {}
         self._weights_from_checkpoint = False
@@ -388,9 +425,25 @@ class EcgClassifier(pl.LightningModule):
                 )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint for another class count before any weights are copied."""
+        """Refuse a checkpoint for another class count before any weights are copied; restore `val_acc_best`.
+
+        The best validation accuracy so far (`val/acc_best`, what sweeps optimise) lives outside the state dict,
+        so that the state dict holds weights only (fine-tuning loads it as `pretrained_file`). A checkpoint
+        without it (older, or weights-only) leaves the metric empty.
+        """
         self._check_class_count(checkpoint.get("state_dict", {}), "the checkpoint")
+        best = checkpoint.get(VAL_ACC_BEST_KEY)
+        self.val_acc_best.reset()
+        if best is not None:
+            if isinstance(best, bool) or not isinstance(best, (int, float)) or not math.isfinite(best):
+                raise CheckpointError("checkpoint", f"{VAL_ACC_BEST_KEY} is not a finite number: {best!r}")
+            self.val_acc_best.update(torch.tensor(float(best)))
         self._weights_from_checkpoint = True
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the best validation accuracy so far as a plain float (None before any validation epoch)."""
+        metric = self.val_acc_best
+        checkpoint[VAL_ACC_BEST_KEY] = float(metric.max_value) if metric.update_called else None
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """torch's load_state_dict with a clear error for another class count."""
