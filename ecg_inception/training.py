@@ -230,7 +230,25 @@ def get_metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Fit on the training split, test the best checkpoint, write the run report; returns (metrics, objects)."""
+    """Fit on the training split, test the best checkpoint, write the run report (`ecg-inception-train`).
+
+    Args:
+        cfg: a composed `train.yaml` config (Hydra's compose API or `@hydra.main`); `cfg.paths.output_dir`
+            must resolve to the run directory, which is created if needed.
+
+    Returns:
+        `(metrics, objects)`: `metrics` is what `metrics.json` holds (labels, protocol, leaky, seed, counts,
+        best checkpoint, epochs, wall time, the val and test reports of the best checkpoint, every logged
+        scalar); `objects` holds the live `cfg`, `datamodule`, `model`, `trainer` and `history`.
+
+    Raises:
+        PretrainedWeightsError: ImageNet weights were asked for and cannot be had (before any data work).
+        FileNotFoundError: `ckpt_path` names no checkpoint (or `last` finds none).
+        DatasetError: `data.root` is missing or unusable.
+        ManifestError: `data.split_manifest` does not fit the data.
+        ValueError: a config value is invalid (unknown protocol, bad image size, a group entry without
+            `_target_`, ...).
+    """
     started = time.perf_counter()
     output_dir = Path(str(cfg.paths.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -367,14 +385,26 @@ def _eval_splits(cfg: DictConfig) -> list[str]:
 
 
 def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Evaluate a checkpoint with the preprocessing, labels and split of its run; writes metrics.json.
+    """Evaluate a checkpoint with the preprocessing, labels and split of its run (`ecg-inception-eval`).
 
     With `eval_all=true` and `data.root=/folder`, every file of that folder is scored (test role), and the report
     says how many of them are byte copies of the run's training files.
 
+    Args:
+        cfg: a composed `eval.yaml` config; `cfg.ckpt_path` names the checkpoint (a path or `last`),
+            `cfg.splits` the splits to evaluate, `cfg.paths.output_dir` the run directory to write.
+
+    Returns:
+        `(metrics, objects)`: `metrics` is what the run's `metrics.json` holds (labels, protocol, leaky,
+        checkpoint, split manifest, counts and one report per evaluated split); `objects` holds the live
+        `cfg`, `datamodule`, `model` and `trainer`.
+
     Raises:
         ConfigValueError: splits other than val/test, or eval_all without data.root.
         DatasetError: a folder whose classes are not the checkpoint's.
+        FileNotFoundError: `ckpt_path` names no checkpoint (or `last` finds none).
+        ValueError: the checkpoint's labels differ from the data's.
+        ManifestError: the split manifest does not fit the data.
     """
     output_dir = Path(str(cfg.paths.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -18,15 +18,20 @@ PROG = "ecg-inception-train"
 def main(cfg: DictConfig) -> float | None:
     """Train, test and report; returns `optimized_metric` for sweepers.
 
-    Exits 2 with the message alone on a library error (a bad value, folder or checkpoint), 1 when the run
-    diverged or failed. A sweep job returns NaN instead and the sweep goes on: a job that raised records its
-    error in its own folder (`ecg_inception.sweep_summary.sweep_job`, inside `library_errors` so that it sees the
-    error itself), and the sweep summary counts it; the block also keeps the DDP ranks of one sweep job apart
-    from the next (`ecg_inception.distributed`).
+    Prints where the report is, then the test accuracy and macro-F1. Exits 2 with the message alone on a
+    library error (a bad value, folder or checkpoint), 1 when the run diverged or failed. A sweep job returns
+    NaN instead and the sweep goes on: a job that raised records its error in its own folder
+    (`ecg_inception.sweep_summary.sweep_job`, inside `library_errors` so that it sees the error itself), and the
+    sweep summary counts it; the block also keeps the DDP ranks of one sweep job apart from the next
+    (`ecg_inception.distributed`).
     """
     with library_errors(PROG), sweep_job() as job:
         metrics, _ = train(cfg)
         print(f"Report: {cfg.paths.output_dir}/metrics.json")
+        test = metrics.get("test") or {}
+        if test:
+            leaky = " (LEAKY: paper protocol)" if metrics.get("leaky") else ""
+            print(f"Test accuracy {test['accuracy']:.3f}, macro-F1 {test['f1_macro']:.3f}{leaky}")
         status = str(metrics.get("status", "ok"))
         finish_run(PROG, status, metrics.get("error"))
         if status != "ok":

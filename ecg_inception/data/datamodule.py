@@ -181,14 +181,44 @@ class EcgImageDataset(Dataset):
 class EcgDataModule(L.LightningDataModule):
     """12-lead ECG printouts -> train/val/test/predict DataLoaders (predict serves the test split).
 
-    `None` means: root -> a synthetic set generated on first use; balance, balance_stage and crop -> the
-    protocol's defaults; augment_kind -> "paper" for the paper protocol, else "ecg"; num_workers ->
-    `default_num_workers()`; pin_memory -> CUDA available; persistent_workers -> num_workers > 0;
-    image_size -> the model's pretrained input size (an int: square; [height, width]: any shape); ink ->
-    False (True: grid removed before resizing, see `transforms.ink_image`); mean, std, interpolation -> the
-    timm config of `model_name` (which may name a tag: `inception_v3.gluon_in1k`); cache_dir ->
-    `$ECG_INCEPTION_CACHE` or `~/.cache/ecg_inception` (decoded images under `decoded/`, synthetic sets under
-    `synthetic/`).
+    `setup` audits and splits `root` by `protocol` (or reads `split_manifest`); the loaders crop, optionally
+    map to ink, resize, augment (train only) and normalise as docs/protocols.md describes.
+
+    Args:
+        root: the image folder, one sub-folder per class; None: a synthetic set generated on first use.
+        protocol: `leakfree` or `paper` (leaky); also picks the defaults of balance, stage and crop.
+        split_manifest: a `splits.csv` to reuse exactly, without auditing or splitting.
+        seed: the split seed, the synthetic set's seed and the loaders' shuffle seed.
+        fractions: train, val and test fractions (per class).
+        balance: `undersample`, `class_weights` or `none`; None: the protocol's default.
+        balance_stage: `before_split` or `train`; None: the protocol's default.
+        batch_size: batch size of every loader (>= 1).
+        num_workers: DataLoader workers; None: `default_num_workers()`.
+        pin_memory: None: on when CUDA is available.
+        persistent_workers: None: on when num_workers > 0.
+        model_name: the timm model whose pretrained config gives size, mean, std and interpolation (it may
+            name a tag: `inception_v3.gluon_in1k`).
+        image_size: an int (square) or [height, width]; None: the model's pretrained input size.
+        resize: `squash` (stretch, the paper's) or `letterbox` (keep aspect, white bars).
+        crop: crop to the grid box; None: the protocol's default (on for leakfree, off for paper).
+        augment: train-time augmentation on or off.
+        augment_kind: `ecg`, `shift`, `paper` or `none`; None: `paper` for the paper protocol, else `ecg`.
+        drop_last: drop the last incomplete train batch (BatchNorm in inception_v3's aux head needs it).
+        cache_dir: root of the caches; None: `$ECG_INCEPTION_CACHE` or `~/.cache/ecg_inception` (decoded
+            images under `decoded/`, synthetic sets under `synthetic/`).
+        decoded_cache: keep preprocessed images on disk and in memory between epochs and runs.
+        manifest_out: also write the manifest (and its `.excluded.csv` sidecar) here.
+        synthetic_per_class: printouts per class of the synthetic default set (root None).
+        ink: remove the pink grid and thicken the trace before resizing (`transforms.ink_image`).
+        mean: normalisation mean per channel; None: the timm config of `model_name`.
+        std: normalisation std per channel; None: the timm config of `model_name`.
+        interpolation: resize interpolation; None: the timm config of `model_name`.
+
+    Raises:
+        ValueError: an unknown protocol, resize or augment_kind, a batch size below 1, bad fractions or a bad
+            image size (named in the message).
+        DatasetError: `root` does not exist or is unusable (at `setup`).
+        ManifestError: `split_manifest` does not fit the data (at `setup`).
     """
 
     def __init__(

@@ -392,7 +392,25 @@ def make_split(
     balance: str | None = None,
     balance_stage: str | None = None,
 ) -> Manifest:
-    """Split an audited folder into train/val/test by `protocol`; None picks the protocol's default."""
+    """Split an audited folder into train/val/test by `protocol` (see docs/protocols.md).
+
+    Args:
+        report: the folder's `audit_folder` report (files, exact and near-duplicate groups, crop boxes).
+        protocol: `leakfree` (one file per exact group, whole groups per split) or `paper` (every file,
+            split by file: leaky).
+        seed: seeds the undersampling and the assignment, per label; same inputs and seed, same manifest.
+        fractions: train, val and test fractions (per class), summing to 1 with train > 0.
+        balance: `undersample`, `class_weights` or `none`; None: the protocol's default.
+        balance_stage: `before_split` or `train` (where undersampling happens); None: the protocol's default.
+
+    Returns:
+        The manifest: one row per used file (label, group, split, sha256, crop box) plus the excluded files
+        with the reason for each.
+
+    Raises:
+        ValueError: an unknown protocol, balance or stage, or bad fractions.
+        DatasetError: no file is left to split.
+    """
     balance, stage = resolve_balance(protocol, balance, balance_stage)
     fracs = check_fractions(fractions)
     images = {im.rel_path: im for im in report.scan.images}

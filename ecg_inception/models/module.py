@@ -94,11 +94,41 @@ def check_image_size(image_size: Any, model_name: str, aux_logits: bool) -> None
 class EcgClassifier(pl.LightningModule):
     """ECG printout classifier: timm backbone (aux logits optional), partial freezing, full val/test reports.
 
-    `unfreeze`: {"blocks": N | "all"} or {"layers": N} (see docs/freezing.md); `gradual_unfreeze`:
-    {"schedule": {epoch: blocks}, "lr_factor": 0.1}. `optimizer`/`scheduler`: a callable taking params /
-    the optimizer (Hydra `_partial_: true`), or a plain dict {"name": "sgd", "lr": 0.01, ...}; scheduler dicts
-    may add "interval", "frequency" and "monitor". `preprocessing` and `labels` ride along in the checkpoint.
-    `calibrate`: fit a temperature on the validation split after fit (`training.train`; models/calibration.py).
+    `preprocessing` and `labels` ride along in the checkpoint, so evaluation and prediction use what
+    training used. Load a trained model offline with `EcgClassifier.from_checkpoint(path)` (Lightning's
+    `load_from_checkpoint` is routed through it).
+
+    Args:
+        model_name: the timm architecture.
+        num_classes: number of output classes (the datamodule's, filled in by `train`).
+        labels: class names in output order; stored in the checkpoint.
+        pretrained: False/None: random init; True: the default tag; a string: that timm tag.
+        pretrained_file: a local 1000-class timm or torchvision checkpoint; wins over `pretrained`.
+        aux_logits: use inception_v3's auxiliary classifier (needs inputs of at least 299 px).
+        aux_weight: weight of the aux loss during training.
+        drop_rate: dropout before the final classifier.
+        unfreeze: `{"blocks": N | "all"}` or `{"layers": N}`: what trains (docs/freezing.md).
+        gradual_unfreeze: `{"schedule": {epoch: blocks}, "lr_factor": 0.1}`: unfreeze more during training.
+        label_smoothing: cross-entropy label smoothing.
+        class_weights: per-class loss weights (the datamodule's, with `balance: class_weights`).
+        optimizer: a callable taking the trainable parameters (Hydra `_partial_: true`), or a plain dict
+            such as `{"name": "sgd", "lr": 0.01}`; None: Adam.
+        scheduler: a callable taking the optimizer, or a dict such as `{"name": "cosine"}` (may add
+            "interval", "frequency" and "monitor"); None: no schedule.
+        preprocessing: the datamodule's preprocessing (size, resize, crop, ink, ...); stored in the checkpoint.
+        channels_last: NHWC weights and inputs.
+        compile: `torch.compile` the backbone: True or a dict of its options.
+        trunk_cache: train the tail on cached frozen-trunk activations: `auto`, `on` or `off`.
+        trunk_cache_views: pre-drawn augmented views per image in the trunk cache.
+        trunk_cache_verify: how often cached trunk entries are checked against their CRC32: `stat` or `full`.
+        calibrate: fit a temperature on the validation split after fit (`training.train`;
+            models/calibration.py); stored in the best checkpoint.
+
+    Raises:
+        ValueError: labels or class weights that do not match `num_classes`, unknown `unfreeze` keys, an
+            unknown optimizer or scheduler name, a malformed `gradual_unfreeze`, or aux logits on inputs
+            below 299 px.
+        PretrainedWeightsError: the requested weights cannot be had.
     """
 
     def __init__(

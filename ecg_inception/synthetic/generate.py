@@ -71,11 +71,26 @@ def generate_dataset(
     labels: Sequence[str] | None = None,
     quality: int = 90,
 ) -> list[Path]:
-    """Write `per_class` printouts plus `duplicates` byte-identical copies per class; return the written paths.
+    """Write `per_class` printouts plus `duplicates` byte-identical copies per class.
 
     Files go to ``out_dir/<Mendeley folder>/<prefix>(<n>).jpg``: originals are numbered 1..per_class, copies
-    per_class+1..per_class+duplicates (each copies a different, randomly chosen original of its class). A class
-    folder that already holds files is refused rather than mixed with stale images.
+    per_class+1..per_class+duplicates (each copies a different, randomly chosen original of its class).
+
+    Args:
+        out_dir: the output folder (created if needed); its class folders must be empty or absent.
+        per_class: originals per class (>= 1).
+        seed: seeds every page and the choice of the copied originals; same seed, same bytes.
+        duplicates: byte-identical copies per class (<= per_class).
+        scale: page scale, 1.0 = 2213 x 1572 px like the Mendeley scans (in (0.1, 4]).
+        labels: the classes to write; None: the four Mendeley classes.
+        quality: JPEG quality (1-95).
+
+    Returns:
+        The written paths, originals and copies, class by class.
+
+    Raises:
+        ValueError: an argument out of range or an unknown label.
+        FileExistsError: a class folder already holds files (stale images are refused, not mixed in).
     """
     chosen = list(CANONICAL_LABELS) if labels is None else list(labels)
     _check_args(per_class, seed, duplicates, scale, chosen, quality)
