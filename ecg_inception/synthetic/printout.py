@@ -5,6 +5,11 @@ double rule, diagnosis and signature fields) over the top ~18 % of the page, a g
 (1 mm dotted minor / 5 mm major lines, 25 mm/s, 10 mm/mV), 3 rows x 4 columns of 2.5 s lead segments plus a 10 s
 lead-II rhythm strip, 1 mV calibration pulses, lead labels, column separators and a footer line. The grid is a
 cached numpy level map coloured per page, so a page costs a few tens of milliseconds.
+
+Signals come from either source: `render_page(label, ...)` draws the parametric beat model
+(`waveforms.synthesize_ecg`), `render_signals(array, fs, ...)` a given 12 x T recording in mV at any rate
+(`signals.record_from_signals`, e.g. PTB-XL); both go through `render_record`, which maps sample times to pixel
+columns at 25 mm/s exactly and thins samples to about two per pixel column, keeping each chunk's extreme.
 """
 
 from __future__ import annotations
@@ -192,10 +197,69 @@ def _trace_points(
 
 
 def render_page(label: str, rng: np.random.Generator, scale: float = 1.0) -> Printout:
-    """Draw one report page of class `label`; deterministic for the generator's state."""
+    """Draw one report page of class `label` from the beat model; deterministic for the generator's state."""
+    _check_scale(scale)
+    record = synthesize_ecg(label, rng, duration=4 * SEGMENT_S)
+    return render_record(record, rng, scale)
+
+
+def render_signals(
+    signals: np.ndarray,
+    fs: float,
+    rng: np.random.Generator,
+    scale: float = 1.0,
+    label: str = "",
+    heart_rate: int | None = None,
+    rotate: bool = True,
+) -> Printout:
+    """Draw a given 12-lead recording (e.g. a PTB-XL record) on a report page with a random look.
+
+    The signal source besides the beat model (`synthetic.signals.record_from_signals`): any sampling rate of
+    at least 50 Hz, time mapped to pixels at 25 mm/s and the page's pixels per mm (`scale`), amplitude at
+    10 mm/mV. The first 10 s are shown (3 x 4 segments of 2.5 s and the lead-II rhythm strip); a shorter
+    record leaves the rest of its rows empty.
+
+    Args:
+        signals: (12, T) in mV, leads I, II, III, aVR, aVL, aVF, V1-V6.
+        fs: sampling rate in Hz.
+        rng: draws the look (grid colour, line width, offset, rotation, header text).
+        scale: page scale, 1.0 = 2213 x 1572 px (200 dpi); 0.5 is the dev copy's size.
+        label: free text kept in `Printout.record.label`.
+        heart_rate: the footer's rate; None: estimated from the signals.
+        rotate: allow the small random rotation (False: `angle` is always 0, for tests that need exact columns).
+
+    Returns:
+        The page and its ground truth (grid box, angle, the centred record).
+
+    Raises:
+        ValueError: a bad array shape or rate (see `record_from_signals`), or a scale outside (0.1, 4].
+    """
+    from ecg_inception.synthetic.signals import record_from_signals
+
+    _check_scale(scale)
+    record = record_from_signals(signals, fs, label=label, heart_rate=heart_rate)
+    return render_record(record, rng, scale, rotate=rotate)
+
+
+def _check_scale(scale: float) -> None:
     if not 0.1 < scale <= 4.0:
         raise ValueError(f"scale must be in (0.1, 4], got {scale}")
-    record = synthesize_ecg(label, rng, duration=4 * SEGMENT_S)
+
+
+def render_record(record: EcgRecord, rng: np.random.Generator, scale: float = 1.0, rotate: bool = True) -> Printout:
+    """Draw `record` (any source: the beat model or real signals) on a page whose look `rng` draws.
+
+    Args:
+        record: the 12-lead signals (mV) and the heart rate the footer prints.
+        rng: draws grid colour and strength, paper tint, ink colour, line width, page offset, header text
+            and the small rotation.
+        scale: page scale in (0.1, 4].
+        rotate: allow the random rotation (its draw is made either way, so the look is the same otherwise).
+
+    Returns:
+        The page and its ground truth.
+    """
+    _check_scale(scale)
     width, height = page_size(scale)
     mm = PX_PER_MM * scale
     paper = np.array([255.0, 255.0, 255.0]) - rng.uniform(0, 5, 3)
@@ -240,13 +304,15 @@ def render_page(label: str, rng: np.random.Generator, scale: float = 1.0) -> Pri
             t0, t1 = (c * SEGMENT_S, (c + 1) * SEGMENT_S) if r < 3 else (0.0, 4 * SEGMENT_S)
             x0 = x_start + c * col_w
             pts = _trace_points(record.lead(lead), record.fs, t0, t1, x0, y0, mm, clip)
-            draw.line(pts, fill=ink, width=trace_w, joint="curve")
+            if len(pts) > 1:  # a record shorter than the page leaves the rest of its rows empty
+                draw.line(pts, fill=ink, width=trace_w, joint="curve")
             draw.text((x0 + 0.4 * mm, y0 - 1.2 * mm), lead, fill=ink, font=label_font, anchor="ls")
     for c in range(1, 4):
         x = x_start + c * col_w
         draw.line([(x, baselines[0] - 6 * mm), (x, baselines[2] + 6 * mm)], fill=ink, width=max(1, s(4)))
 
     angle = float(rng.uniform(-0.4, 0.4)) if rng.random() < 0.5 else 0.0
+    angle = angle if rotate else 0.0
     if angle:
         fill = tuple(int(v) for v in np.round(paper))
         image = image.rotate(angle, resample=Image.Resampling.BILINEAR, fillcolor=fill)
