@@ -34,6 +34,7 @@ from ecg_inception.models.backbone import check_pretrained_available
 from ecg_inception.models.calibration import calibration_report, fit_temperature
 from ecg_inception.models.checkpoint import load_checkpoint
 from ecg_inception.models.module import EcgClassifier
+from ecg_inception.models.pretrained import check_finetune_preprocessing, reinit_heads, stored_training
 from ecg_inception.models.trunk_cache import TrunkCachedDataModule, maybe_use_trunk_cache
 from ecg_inception.report import MetricsHistory, write_report
 from ecg_inception.run_setup import (
@@ -249,6 +250,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         ValueError: a config value is invalid (unknown protocol, bad image size, a group entry without
             `_target_`, ...).
     """
+    if cfg.get("pretraining"):  # experiment=pretrain_ptbxl: multi-label printouts of real signals
+        from ecg_inception.pretraining import pretrain
+
+        return pretrain(cfg)
     started = time.perf_counter()
     output_dir = Path(str(cfg.paths.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -272,6 +277,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         cfg, output_dir, _split_manifest_for(cfg, ckpt), drop_last=bool(cfg.model.get("aux_logits", False)),
         **data_overrides_for_weights(cfg),
     )
+    # Fine-tuning from an ecg_inception checkpoint (e.g. pretrain_ptbxl): same preprocessing, or a clear error.
+    stored = stored_training(cfg.model.pretrained_file) if cfg.model.get("pretrained_file") else None
+    if stored is not None:
+        check_finetune_preprocessing(cfg.model.pretrained_file, stored["preprocessing"], datamodule.preprocessing)
     model: EcgClassifier = instantiate(
         cfg.model,
         num_classes=datamodule.num_classes,
@@ -279,6 +288,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         class_weights=datamodule.class_weights,
         preprocessing=datamodule.preprocessing,
     )
+    if stored is not None:
+        reinit_heads(model.backbone, stored["labels"], datamodule.labels)
     # Frozen trunk: train the tail on cached activations when model.trunk_cache (auto|on|off) allows it.
     loaders = maybe_use_trunk_cache(cfg, model, datamodule)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))

@@ -1,0 +1,124 @@
+"""Domain pretraining: a multi-label backbone on printouts of real 12-lead signals (`experiment=pretrain_ptbxl`).
+
+`pretrain(cfg)` is what `training.train` runs when `cfg.pretraining` is true: the same config groups, callbacks,
+trainer, loggers, `ckpt_path=last` resume and run directory as a fine-tuning run, with `cfg.data` a
+`synthetic.ptbxl_pages.PtbxlDataModule` and `cfg.model` a `models.multilabel.MultiLabelClassifier`. It reports
+val (fold 9) and test (fold 10) macro AUROC over the superclasses in `metrics.json`. Its best checkpoint is what
+`model.pretrained_file=` of a fine-tuning experiment takes (docs/pretraining.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from ecg_inception.callbacks import FiniteLoss
+from ecg_inception.distributed import is_rank_zero
+from ecg_inception.errors import ConfigValueError, TrainingDivergedError
+from ecg_inception.models.backbone import check_pretrained_available
+from ecg_inception.models.checkpoint import load_checkpoint
+from ecg_inception.models.multilabel import MultiLabelClassifier
+from ecg_inception.report import MetricsHistory, write_report
+from ecg_inception.run_setup import check_train_config, data_overrides_for_weights
+from ecg_inception.training import (
+    _best_checkpoint,
+    _scalar_metrics,
+    instantiate_callbacks,
+    instantiate_loggers,
+    resolve_ckpt_path,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _report(model: MultiLabelClassifier, split: str) -> dict[str, Any] | None:
+    return model.last_reports.get(split)
+
+
+def pretrain(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Fit the multi-label model on rendered PTB-XL printouts, validate and test its best checkpoint, report.
+
+    Args:
+        cfg: a composed `train.yaml` config with `experiment=pretrain_ptbxl` (or any config whose `pretraining`
+            is true, `data` a PtbxlDataModule and `model` a MultiLabelClassifier).
+
+    Returns:
+        `(metrics, objects)` as `training.train` returns them; `metrics["test"]["auroc_macro"]` is the fold-10
+        macro AUROC of the best-by-`val/auroc_macro` checkpoint.
+
+    Raises:
+        ConfigValueError: the model is not multi-label.
+        DatasetError: `data.root` missing or not a PTB-XL folder; a patient spanning folds.
+        FileNotFoundError: `ckpt_path` names no checkpoint (or `last` finds none).
+    """
+    started = time.perf_counter()
+    output_dir = Path(str(cfg.paths.output_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if is_rank_zero():
+        (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    pl.seed_everything(int(cfg.seed), workers=True)
+    check_pretrained_available(
+        str(cfg.model.model_name), cfg.model.get("pretrained"), cfg.model.get("pretrained_file")
+    )
+    check_train_config(cfg)
+    ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(str(cfg.paths.log_dir)), str(cfg.task_name))
+    if ckpt is not None:
+        load_checkpoint(ckpt)  # a corrupt or unsafe file fails before any rendering
+    # ImageNet -> PTB-XL: a hub tag or an ImageNet file selects its normalisation, as in fine-tuning
+    datamodule = instantiate(cfg.data, _partial_=True)(
+        drop_last=bool(cfg.model.get("aux_logits", False)), **data_overrides_for_weights(cfg)
+    )
+    datamodule.setup("fit")
+    model = instantiate(
+        cfg.model, num_classes=datamodule.num_classes, labels=list(datamodule.labels),
+        preprocessing=datamodule.preprocessing,
+    )  # fmt: skip
+    if not isinstance(model, MultiLabelClassifier):
+        raise ConfigValueError(
+            f"pretraining needs model._target_=ecg_inception.models.multilabel.MultiLabelClassifier, got "
+            f"{type(model).__name__}"
+        )
+    history = MetricsHistory()
+    callbacks = [*instantiate_callbacks(cfg.get("callbacks")), history, FiniteLoss()]
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer, "history": history}
+    base: dict[str, Any] = {"task": "multilabel", "pretraining": "ptbxl", "labels": list(datamodule.labels),
+                            "seed": int(cfg.seed), "data": datamodule.describe()}
+    try:
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    except TrainingDivergedError as err:
+        log.error("%s", err)
+        metrics = {"status": "diverged", "error": str(err), **base, "epochs": int(trainer.current_epoch),
+                   "wall_time_s": round(time.perf_counter() - started, 2), "val": None, "test": None,
+                   "logged": _scalar_metrics(trainer)}
+        if is_rank_zero():
+            write_report(output_dir, metrics, history.rows, plots=False)
+        return metrics, objects
+    logged = _scalar_metrics(trainer)
+    best, eval_ckpt = _best_checkpoint(callbacks)
+    trainer.validate(model=model, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False, weights_only=True)
+    if cfg.get("test", True):
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False, weights_only=True)
+    logged.update({k: v for k, v in _scalar_metrics(trainer).items() if k.startswith(("test/", "val/"))})
+    last = next((c.last_model_path or c.best_model_path for c in callbacks
+                 if isinstance(c, ModelCheckpoint) and not c.monitor), None)
+    metrics: dict[str, Any] = {
+        "status": "ok", **base,
+        "best_checkpoint": best, "last_checkpoint": last or None,
+        "epochs": int(trainer.current_epoch),
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "val": _report(model, "val"), "test": _report(model, "test"), "logged": logged,
+    }  # fmt: skip
+    if is_rank_zero():
+        write_report(output_dir, metrics, history.rows, plots=bool(cfg.get("plots", True)))
+        test = metrics["test"] or {}
+        log.info("Pretraining report written to %s (test macro AUROC %s)", output_dir, test.get("auroc_macro"))
+    return metrics, objects

@@ -1,0 +1,147 @@
+"""Domain pretraining end to end on tiny data: pretrain_ptbxl -> resume with ckpt_path=last -> finetune_cpu from
+its checkpoint (heads re-initialised), and the preprocessing-mismatch error."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_cfg
+
+from ecg_inception.data.ptbxl_labels import SUPERCLASSES
+from ecg_inception.errors import ConfigValueError
+from ecg_inception.models.multilabel import MultiLabelClassifier, multilabel_report
+from ecg_inception.synthetic.ptbxl_pages import PtbxlDataModule
+from ecg_inception.synthetic.waveforms import synthesize_ecg
+from ecg_inception.training import train
+
+SIZE = "[80,160]"
+CODES = ["{'NORM': 100.0, 'SR': 0.0}", "{'IMI': 100.0, 'SR': 0.0}", "{'LVH': 100.0, 'ISC_': 100.0}",
+         "{'CLBBB': 100.0, 'PVC': 100.0}"]
+LABELS = ["normal", "history_of_mi", "myocardial_infarction", "abnormal_heartbeat"]
+
+
+@pytest.fixture(scope="module")
+def ptbxl_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A compact PTB-XL folder: 40 beat-model records (250 Hz, int16 microvolts), 4 per strat_fold."""
+    root = tmp_path_factory.mktemp("ptbxl")
+    signals, rows = [], []
+    for i in range(40):
+        kind = i % 4
+        record = synthesize_ecg(LABELS[kind], np.random.default_rng(i), fs=250.0)
+        signals.append(np.round(record.signals * 1000).astype(np.int16))
+        rows.append({"index": i, "ecg_id": 100 + i, "patient_id": f"{500 + i}.0", "scp_codes": CODES[kind],
+                     "infarction_stadium1": "Stadium III" if kind == 1 else "", "infarction_stadium2": "",
+                     "strat_fold": i // 4 + 1})
+    np.save(root / "signals.npy", np.stack(signals))
+    with (root / "records.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def quiet(tmp: Path, out: str) -> list[str]:
+    return [f"paths.cache_dir={tmp / 'cache'}", f"paths.log_dir={tmp / 'logs'}", f"paths.output_dir={tmp / out}",
+            "callbacks.rich_progress_bar=null", "+trainer.enable_model_summary=false",
+            "+trainer.enable_progress_bar=false", "plots=false"]
+
+
+def test_multilabel_report_skips_labels_without_both_classes() -> None:
+    logits = torch.tensor([[3.0, -2.0], [-3.0, -1.0], [2.0, -3.0]])
+    targets = torch.tensor([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
+    report = multilabel_report(logits, targets, ["a", "b"])
+    assert report["auroc_macro"] == 1.0 and report["per_label"]["b"]["auroc"] is None
+    assert report["accuracy"] == 1.0
+
+
+def test_pages_are_redrawn_for_training_and_fixed_for_evaluation(ptbxl_root: Path, tmp_path: Path) -> None:
+    dm = PtbxlDataModule(str(ptbxl_root), image_size=[80, 160], num_workers=0, cache_dir=str(tmp_path))
+    dm.setup()
+    assert dm.labels == list(SUPERCLASSES) and len(dm.dataset("train")) == 32
+    train_ds, val_ds = dm.dataset("train"), dm.dataset("val")
+    assert not torch.equal(train_ds.load_uint8(0), train_ds.load_uint8(0))  # a new look every access
+    assert val_ds.images is not None and tuple(val_ds.images.shape) == (4, 3, 80, 160)
+    again = PtbxlDataModule(str(ptbxl_root), image_size=[80, 160], num_workers=0, cache_dir=str(tmp_path))
+    again.setup()
+    assert torch.equal(again.dataset("val").images, val_ds.images)  # read back from the cache
+    assert list(tmp_path.joinpath("ptbxl_pages").glob("val-*.pt"))
+    x, y = train_ds[1]
+    assert x.dtype == torch.float32 and y.tolist() == [0, 1, 0, 0, 0]
+
+
+@pytest.mark.slow
+def test_pretrain_resume_then_finetune_and_mismatch(ptbxl_root: Path, synthetic_root: Path, tmp_path: Path,
+                                                    one_thread: None) -> None:
+    base = ["experiment=pretrain_ptbxl", f"data.root={ptbxl_root}", f"data.image_size={SIZE}", "data.batch_size=8",
+            "data.num_workers=0"]
+    metrics, objects = train(compose_cfg("train", [*base, "trainer.max_epochs=1", *quiet(tmp_path, "pre")]))
+    assert metrics["status"] == "ok" and metrics["task"] == "multilabel"
+    assert isinstance(objects["model"], MultiLabelClassifier)
+    assert metrics["data"]["test"]["records"] == 4
+    assert metrics["test"]["auroc_macro"] is not None and 0.0 <= metrics["test"]["auroc_macro"] <= 1.0
+    assert json.loads((tmp_path / "pre" / "metrics.json").read_text())["labels"] == list(SUPERCLASSES)
+    last = tmp_path / "pre" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+
+    # resume the same run for one more epoch
+    resumed, _ = train(compose_cfg("train", [*base, "trainer.max_epochs=2", f"ckpt_path={last}",
+                                             *quiet(tmp_path, "pre")]))
+    assert resumed["epochs"] == 2 and resumed["status"] == "ok"
+    best = resumed["best_checkpoint"]
+    assert best and Path(best).is_file()
+
+    # fine-tune on printouts from that checkpoint: 4 new classes, heads re-initialised, trunk weights kept
+    fine = ["experiment=finetune_cpu", f"data.root={synthetic_root}", f"data.image_size={SIZE}", "data.batch_size=4",
+            "data.num_workers=0", f"model.pretrained_file={best}", "trainer.max_epochs=1"]
+    metrics, objects = train(compose_cfg("train", [*fine, *quiet(tmp_path, "fine")]))
+    assert metrics["status"] == "ok" and len(metrics["labels"]) == 4
+    pre_sd = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    assert objects["model"].backbone.fc.out_features == 4
+    assert metrics["test"]["accuracy"] is not None
+
+    # the same checkpoint with another preprocessing: a clear error before any training
+    with pytest.raises(ConfigValueError, match=r"another preprocessing.*ink: checkpoint True, this run False.*data\.ink=true"):
+        train(compose_cfg("train", [*fine, "data.ink=false", *quiet(tmp_path, "bad")]))
+    with pytest.raises(ConfigValueError, match=r"size: checkpoint \[80, 160\].*data\.image_size=\[80,160\]"):
+        train(compose_cfg("train", [*fine, "data.image_size=[96,192]", *quiet(tmp_path, "bad2")]))
+    assert "backbone.Conv2d_1a_3x3.conv.weight" in pre_sd
+
+
+def test_finetune_loads_the_trunk_and_resets_heads(ptbxl_root: Path, tmp_path: Path) -> None:
+    """The weight path alone (no training): a pretraining-shaped checkpoint into a 4-class model."""
+    from ecg_inception.models.module import EcgClassifier
+    from ecg_inception.models.pretrained import reinit_heads
+
+    prep = {"model_name": "inception_v3", "size": [80, 160], "mean": [0.5] * 3, "std": [0.5] * 3,
+            "interpolation": "bicubic", "resize": "squash", "crop": True, "ink": True}
+    pre = MultiLabelClassifier(num_classes=5, labels=list(SUPERCLASSES), pretrained=False, aux_logits=False,
+                               drop_rate=0.0, preprocessing=prep)
+    path = tmp_path / "pre.ckpt"
+    torch.save({"state_dict": pre.state_dict(), "hyper_parameters": dict(pre.hparams),
+                "pytorch-lightning_version": "2.6.0"}, path)
+    fine = EcgClassifier(num_classes=5, labels=["a", "b", "c", "d", "e"], pretrained=False, pretrained_file=str(path),
+                         aux_logits=False, drop_rate=0.0, preprocessing=prep)
+    conv = "Conv2d_1a_3x3.conv.weight"
+    assert torch.equal(fine.backbone.state_dict()[conv], pre.backbone.state_dict()[conv])
+    assert torch.equal(fine.backbone.fc.weight, pre.backbone.fc.weight)  # same shape: loaded ...
+    assert reinit_heads(fine.backbone, list(SUPERCLASSES), ["a", "b", "c", "d", "e"]) == ["fc"]
+    assert not torch.equal(fine.backbone.fc.weight, pre.backbone.fc.weight)  # ... then reset: other labels
+
+
+def test_preprocessing_mismatch_error_names_each_key_and_its_fix() -> None:
+    from ecg_inception.models.pretrained import check_finetune_preprocessing
+
+    stored = {"model_name": "inception_v3", "size": [128, 256], "mean": [0.5] * 3, "std": [0.5] * 3,
+              "interpolation": "bicubic", "resize": "squash", "crop": True, "ink": True}
+    check_finetune_preprocessing("p.ckpt", stored, {**stored, "model_name": "inception_v3.tv_in1k"})
+    check_finetune_preprocessing("p.ckpt", {**stored, "size": 96}, {**stored, "size": [96, 96]})
+    with pytest.raises(ConfigValueError) as err:
+        check_finetune_preprocessing("p.ckpt", stored, {**stored, "crop": False, "mean": [0.485, 0.456, 0.406]})
+    message = str(err.value)
+    assert "model.pretrained_file=p.ckpt" in message and "data.crop=true" in message
+    assert "data.mean=[0.5,0.5,0.5]" in message and "ink" not in message
