@@ -88,8 +88,8 @@ def test_pretrain_resume_then_finetune_and_mismatch(ptbxl_root: Path, synthetic_
     last = tmp_path / "pre" / "checkpoints" / "last.ckpt"
     assert last.is_file()
 
-    # resume the same run for one more epoch
-    resumed, _ = train(compose_cfg("train", [*base, "trainer.max_epochs=2", f"ckpt_path={last}",
+    # resume the same run for one more epoch (ckpt_path=last: this run dir's checkpoints/last.ckpt)
+    resumed, _ = train(compose_cfg("train", [*base, "trainer.max_epochs=2", "ckpt_path=last",
                                              *quiet(tmp_path, "pre")]))
     assert resumed["epochs"] == 2 and resumed["status"] == "ok"
     best = resumed["best_checkpoint"]
