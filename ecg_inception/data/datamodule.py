@@ -26,6 +26,7 @@ from ecg_inception.data.cache import (
     default_cache_dir,
     file_sha256,
 )
+from ecg_inception.data.scale import CANONICAL_PX_PER_MM
 from ecg_inception.data.split import (
     SPLITS,
     Manifest,
@@ -37,6 +38,7 @@ from ecg_inception.data.split import (
 from ecg_inception.data.transforms import (
     AUGMENT_KINDS,
     MIN_IMAGE_SIZE,
+    PREPROCESS_VERSION,
     RESIZE_MODES,
     DataConfig,
     Normalize,
@@ -393,7 +395,11 @@ class EcgDataModule(L.LightningDataModule):
 
     @property
     def preprocessing(self) -> dict[str, Any]:
-        """Plain dict the model stores in its checkpoint so eval and predict preprocess like training."""
+        """Plain dict the model stores in its checkpoint so eval and predict preprocess like training.
+
+        `version` is `transforms.PREPROCESS_VERSION` (a checkpoint with another one is refused when loaded) and
+        `px_per_mm` the canonical scale every page is resampled to before the ink step.
+        """
         cfg = self.data_config
         return {
             "model_name": self.model_name,
@@ -404,6 +410,8 @@ class EcgDataModule(L.LightningDataModule):
             "resize": self.resize,
             "crop": self.crop,
             "ink": self.ink,
+            "version": PREPROCESS_VERSION,
+            "px_per_mm": CANONICAL_PX_PER_MM,
         }
 
     def cache_stats(self) -> CacheStats | None:
