@@ -162,8 +162,8 @@ def canonical_size(width: int, height: int, pitch: GridPitch) -> tuple[int, int]
 
 
 def to_canonical(img: Image.Image, pitch: GridPitch) -> Image.Image:
-    """Resample a cropped page to `CANONICAL_PX_PER_MM` (antialiased Lanczos); unchanged within 1 %."""
+    """Resample a cropped page to `CANONICAL_PX_PER_MM` (antialiased Lanczos); unchanged within 2 %."""
     size = canonical_size(img.width, img.height, pitch)
-    if abs(size[0] - img.width) <= 0.01 * img.width and abs(size[1] - img.height) <= 0.01 * img.height:
+    if abs(size[0] - img.width) <= 0.02 * img.width and abs(size[1] - img.height) <= 0.02 * img.height:
         return img
     return img.resize(size, Image.Resampling.LANCZOS)
