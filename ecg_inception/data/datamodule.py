@@ -308,6 +308,12 @@ class EcgDataModule(L.LightningDataModule):
                     "protocol %r is leaky: copies of one ECG sit in more than one split (%d groups cross splits)",
                     manifest.protocol, len(crossing),
                 )  # fmt: skip
+            no_pitch = [r.path for r in manifest.rows if r.pitch_fallback]
+            if no_pitch:
+                log.warning(
+                    "%d file(s) show no measurable grid pitch and are scaled by their box size instead (first: %s; "
+                    "pitch_fallback in the manifest)", len(no_pitch), no_pitch[0],
+                )  # fmt: skip
             log.info("split of %s: %s", root, manifest.counts())
             self._manifest = manifest
         return self._manifest
