@@ -106,3 +106,16 @@ def test_newer_or_broken_metadata_is_refused(tmp_path: Path) -> None:
     stranger.write_text("# hello\n" + body)
     with pytest.raises(ManifestError, match="unknown comment line"):
         Manifest.read_csv(stranger, "leakfree")
+
+
+def test_split_of_an_audit_records_pitch_hash_and_settings(synthetic_root: Path, tmp_path: Path) -> None:
+    from ecg_inception.data.audit import audit_folder
+    from ecg_inception.data.split import make_split
+
+    manifest = make_split(audit_folder(synthetic_root, workers=1), "leakfree", seed=0)
+    assert manifest.near_threshold == NEAR_DUPLICATE_THRESHOLD
+    assert all(r.px_per_mm == pytest.approx(0.5 * 200 / 25.4, rel=0.005) and not r.pitch_fallback
+               for r in manifest.rows)  # fmt: skip
+    assert all(len(r.grid_hash) == 256 for r in manifest.rows)
+    back = Manifest.read_csv(manifest.write_csv(tmp_path / "splits.csv"), "leakfree", root=synthetic_root)
+    assert back.rows == manifest.rows and back.near_threshold == NEAR_DUPLICATE_THRESHOLD and back.seed == 0
