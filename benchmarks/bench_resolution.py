@@ -117,7 +117,7 @@ def cmd_score(args: argparse.Namespace) -> tuple[dict[str, Any], list[Check]]:
     prep = dict(model.hparams.preprocessing)
     labels = list(model.hparams.labels)
     norm = Normalize(prep["mean"], prep["std"])
-    items = pairs(args.fullres, args.dev)
+    items = pairs(args.fullres, args.dev)[: args.limit]
     target = torch.tensor([labels.index(label_for_folder(o.parent.name)) for o, _ in items])
     probs: dict[str, torch.Tensor] = {}
     inputs: dict[str, list[torch.Tensor]] = {"original": [], "twin": []}
@@ -134,15 +134,15 @@ def cmd_score(args: argparse.Namespace) -> tuple[dict[str, Any], list[Check]]:
     rows = [(str(o.relative_to(args.fullres)), labels[int(t)], labels[int(a)], labels[int(b)])
             for (o, _), t, a, b in zip(items, target, pred["original"], pred["twin"], strict=True)]  # fmt: skip
     print_table(rows, ("file", "true", "original", "twin"))
-    f1o, f1t = reports["original"]["macro_f1"], reports["twin"]["macro_f1"]
+    f1o, f1t = reports["original"]["f1_macro"], reports["twin"]["f1_macro"]
     n = len(items)
     checks = [
         Check(f"label agreement (of {n})", float(agree), float(n - 1)),
         Check("macro-F1, originals", f1o, None),
         Check("macro-F1, twins", f1t, None),
         Check("|F1 originals - F1 twins|", abs(f1o - f1t), 0.05, higher_is_better=False),
-        Check("accuracy, originals", reports["original"]["acc"], None),
-        Check("accuracy, twins", reports["twin"]["acc"], None),
+        Check("accuracy, originals", reports["original"]["accuracy"], None),
+        Check("accuracy, twins", reports["twin"]["accuracy"], None),
     ]
     figures = {"checkpoint": str(args.ckpt), "agreement": agree, "n": n, "reports": reports,
                "predictions": [list(r) for r in rows]}  # fmt: skip
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rgb", action="store_true", help="inputs: without the ink step")
     parser.add_argument("--out", type=Path, help="leave-out: the new folder")
     parser.add_argument("--ckpt", type=Path, help="score: an ecg_inception checkpoint")
+    parser.add_argument("--limit", type=int, default=None, help="score: only the first N pairs (a quick check)")
     add_json_arg(parser)
     args = parser.parse_args(argv)
     args.fullres, args.dev = args.fullres.resolve(), args.dev.resolve()
