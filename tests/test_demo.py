@@ -60,7 +60,11 @@ def test_the_cli_prints_the_report_path_accuracy_and_macro_f1(
     }
     monkeypatch.setattr(cli, "train", lambda cfg: (metrics, {}))
     monkeypatch.setattr(
-        sys, "argv", ["ecg-inception-train", f"hydra.run.dir={tmp_path}", "hydra/job_logging=disabled"]
+        sys, "argv",
+        # `none`, not `disabled`: Hydra's `disabled` sets disable_existing_loggers, which silenced the library's
+        # loggers for every later test in the session (caplog then saw nothing in test_run_status and
+        # test_trunk_cache).
+        ["ecg-inception-train", f"hydra.run.dir={tmp_path}", "hydra/job_logging=none", "hydra/hydra_logging=none"],
     )
     cli.main()
     lines = capsys.readouterr().out.strip().splitlines()
