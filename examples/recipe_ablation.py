@@ -34,7 +34,13 @@ import torch.nn.functional as F
 from ecg_inception.data.audit import audit_folder
 from ecg_inception.data.scan import open_rgb
 from ecg_inception.data.split import make_split
-from ecg_inception.data.transforms import Normalize, RandomShift, preprocess, resolve_data_config
+from ecg_inception.data.transforms import (
+    PREPROCESS_VERSION,
+    Normalize,
+    RandomShift,
+    preprocess,
+    resolve_data_config,
+)
 from ecg_inception.models.metrics import report_from_predictions
 
 
@@ -72,7 +78,8 @@ def load_splits(args: argparse.Namespace) -> tuple[list[str], dict[str, tuple[to
     """Labels and {split: (uint8 images [N, 3, H, W], targets)} of one leak-free split, decoded once."""
     root = Path(args.root)
     manifest = make_split(audit_folder(root), "leakfree", args.split_seed, balance="none")
-    key = hashlib.sha256(json.dumps([str(root.resolve()), args.split_seed, args.size, args.ink]).encode())
+    fields = [str(root.resolve()), args.split_seed, args.size, args.ink, PREPROCESS_VERSION]  # no stale tensors
+    key = hashlib.sha256(json.dumps(fields).encode())
     cache = Path(args.cache or tempfile.mkdtemp(prefix="ecg_ablation_")) / f"{key.hexdigest()[:16]}.pt"
     if cache.is_file():
         images = torch.load(cache, weights_only=True)  # a dict of uint8 tensors: plain data

@@ -23,6 +23,7 @@ from ecg_inception.errors import DatasetError
 JSON_KEYS = {
     "root", "labels", "folders", "classes", "distinct", "duplicate_groups", "conflicts", "near_duplicate_threshold",
     "near_duplicate_groups", "unreadable", "ignored", "symlinks", "crops", "groups", "grid_hashes", "images",
+    "pitches",
 }  # fmt: skip
 
 
@@ -83,6 +84,9 @@ def test_json_roundtrip(synthetic_report: AuditReport) -> None:
     assert len(data["crops"]) == 32
     some = next(iter(data["crops"].values()))
     assert set(some) == {"box", "fallback"} and len(some["box"]) == 4
+    # the grid pitch of every file: the synthetic set is rendered at scale 0.5 of 200 dpi (3.94 px/mm)
+    assert len(data["pitches"]) == 32
+    assert all(abs(p["px_per_mm"] - 0.5 * 200 / 25.4) < 0.05 and not p["fallback"] for p in data["pitches"].values())
     again = AuditReport.from_json(json.loads(text))
     assert again.to_json() == data
     assert again.group_ids() == synthetic_report.group_ids()

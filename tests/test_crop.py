@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ecg_inception.data.crop import FALLBACK_FRACTIONS, CropBox, detect_grid_box, fallback_box, redness
+from ecg_inception.data.crop import (
+    FALLBACK_FRACTIONS,
+    CropBox,
+    detect_grid_box,
+    fallback_box,
+    has_header,
+    redness,
+)
 from ecg_inception.data.labels import CANONICAL_LABELS
 
 DEV_BOX = (34, 141, 1088, 759)  # measured outer border of the dev copies (right/bottom exclusive)
@@ -56,7 +63,7 @@ def test_non_ecg_images_fall_back(make) -> None:
     img = make()
     box = detect_grid_box(img)
     assert box.fallback
-    assert box == fallback_box(*img.size)
+    assert box == CropBox(0, 0, *img.size, fallback=True)  # no header found: the whole image
 
 
 def test_a_single_red_line_is_not_a_grid() -> None:
@@ -150,4 +157,18 @@ def test_dev_page_already_cropped_to_its_grid(dev_root: Path) -> None:
     box = detect_grid_box(img)
     assert not box.fallback
     assert_close(box, (4, 6, 1058, 624), 2)
-    assert detect_grid_box(img.convert("L")).fallback  # no colour, no grid: the fixed box
+    assert detect_grid_box(img.convert("L")).fallback  # no colour, no grid: a fallback
+
+
+@pytest.mark.devset
+def test_fallback_keeps_a_grid_only_page_whole(dev_root: Path) -> None:
+    """Issue 10 item 10: no grid found on a page that is only the grid must not cut its top off."""
+    page = dev_image(dev_root, DEV_SAMPLES[0])
+    grid_only = page.crop(DEV_BOX).convert("L")  # a user's crop, and no colour: detection fails
+    box = detect_grid_box(grid_only)
+    assert box.fallback and not has_header(grid_only)
+    assert box == CropBox(0, 0, *grid_only.size, fallback=True)
+    # with the printer's header still on the page, the fixed box cuts the header off as before
+    whole = detect_grid_box(page.convert("L"))
+    assert has_header(page) and whole == fallback_box(*page.size)
+    assert_close(whole, DEV_BOX, 2)

@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 
 from ecg_inception.data.datamodule import EcgDataModule, EcgImageDataset
 from ecg_inception.data.labels import CANONICAL_LABELS, MENDELEY_FOLDERS
+from ecg_inception.data.scale import CANONICAL_PX_PER_MM
 from ecg_inception.data.split import Manifest
-from ecg_inception.data.transforms import resolve_data_config
+from ecg_inception.data.transforms import PREPROCESS_VERSION, resolve_data_config
 from ecg_inception.errors import ManifestError
 
 SIZE = 75  # the smallest input inception_v3 accepts; keeps decoding and resizing cheap
@@ -58,6 +59,7 @@ def test_loaders_shapes_labels_and_properties(fitted: EcgDataModule) -> None:
     assert fitted.preprocessing == {
         "model_name": "inception_v3", "size": SIZE, "mean": [0.5] * 3, "std": [0.5] * 3,
         "interpolation": "bicubic", "resize": "squash", "crop": True, "ink": False,
+        "version": PREPROCESS_VERSION, "px_per_mm": CANONICAL_PX_PER_MM,
     }  # fmt: skip
     # leakfree: copies dropped, each class in every split
     m = fitted.manifest

@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
+from ecg_inception.data.transforms import PREPROCESS_VERSION
 from ecg_inception.errors import PretrainedWeightsError
 from ecg_inception.models.metrics import REPORT_KEYS, build_metrics, compute_report, report_from_predictions
 from ecg_inception.models.module import EcgClassifier, describe_callable
 
 LABELS = ["myocardial_infarction", "history_of_mi", "abnormal_heartbeat", "normal"]
 PREP = {"model_name": "inception_v3", "size": 75, "resize": "squash", "crop": True, "mean": [0.5] * 3,
-        "std": [0.5] * 3, "interpolation": "bicubic"}
+        "std": [0.5] * 3, "interpolation": "bicubic", "version": PREPROCESS_VERSION}
 
 
 def _loader(n: int, size: int, seed: int, batch_size: int = 2) -> DataLoader:

@@ -13,6 +13,8 @@ import torch
 from conftest import compose_cfg
 
 from ecg_inception.data.ptbxl_labels import SUPERCLASSES
+from ecg_inception.data.scale import CANONICAL_PX_PER_MM
+from ecg_inception.data.transforms import PREPROCESS_VERSION
 from ecg_inception.errors import ConfigValueError
 from ecg_inception.models.multilabel import MultiLabelClassifier, multilabel_report
 from ecg_inception.synthetic.ptbxl_pages import PtbxlDataModule
@@ -118,7 +120,8 @@ def test_finetune_loads_the_trunk_and_resets_heads(ptbxl_root: Path, tmp_path: P
     from ecg_inception.models.pretrained import reinit_heads
 
     prep = {"model_name": "inception_v3", "size": [80, 160], "mean": [0.5] * 3, "std": [0.5] * 3,
-            "interpolation": "bicubic", "resize": "squash", "crop": True, "ink": True}
+            "interpolation": "bicubic", "resize": "squash", "crop": True, "ink": True,
+            "version": PREPROCESS_VERSION, "px_per_mm": CANONICAL_PX_PER_MM}
     pre = MultiLabelClassifier(num_classes=5, labels=list(SUPERCLASSES), pretrained=False, aux_logits=False,
                                drop_rate=0.0, preprocessing=prep)
     path = tmp_path / "pre.ckpt"

@@ -24,6 +24,9 @@ class FakeReport:
     exact_groups: list[list[str]]
     crops: dict[str, CropBox]
     groups: dict[str, str] = field(default_factory=dict)
+    grid_hashes: dict[str, object] = field(default_factory=dict)
+    pitches: dict[str, object] = field(default_factory=dict)
+    near_threshold: int | None = None
 
     def group_ids(self) -> dict[str, str]:
         return dict(self.groups)
@@ -128,7 +131,8 @@ def test_manifest_round_trip_reproduces_split(tmp_path: Path) -> None:
     assert back.rows[0].box is not None and any(r.crop_fallback for r in back.rows)
     back.write_csv(tmp_path / "again.csv")
     assert (tmp_path / "again.csv").read_bytes() == path.read_bytes()
-    header = path.read_text().splitlines()[0]
+    meta, header = path.read_text().splitlines()[:2]
+    assert meta.startswith("# ecg_inception manifest {") and '"format": 2' in meta and '"protocol": "leakfree"' in meta
     assert header.startswith("path,label,group,split,")
 
 

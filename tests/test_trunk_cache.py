@@ -44,13 +44,22 @@ FP16 = dict(rtol=2e-3, atol=2e-3)
 
 
 def write_manifest(root: Path, out: Path) -> Path:
-    """A fixed split without auditing: per class, every 4th file to val, the next to test, the rest train."""
+    """A fixed split without auditing: per class, half the files train, a quarter val, a quarter test, filled
+    group by group in file order; byte copies stay together (a manifest with copies in two splits is refused
+    under leakfree)."""
     rows = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        for k, path in enumerate(sorted(p for p in folder.rglob("*") if p.is_file())):
-            split = {2: "val", 3: "test"}.get(k % 4, "train")
-            rel = path.relative_to(root).as_posix()
-            rows.append(ManifestRow(rel, label_for_folder(folder.name), rel, split, file_sha256(path)))
+        files = sorted(p for p in folder.rglob("*") if p.is_file())
+        groups: dict[str, list[Path]] = {}
+        for path in files:
+            groups.setdefault(file_sha256(path), []).append(path)
+        room = {"train": len(files) // 2, "val": len(files) // 4, "test": len(files) - len(files) // 2 - len(files) // 4}
+        for sha, members in groups.items():
+            split = next((s for s in ("train", "val", "test") if room[s] >= len(members)), "test")
+            room[split] -= len(members)
+            for path in members:
+                rel = path.relative_to(root).as_posix()
+                rows.append(ManifestRow(rel, label_for_folder(folder.name), rel, split, sha))
     return Manifest(rows, order_labels({r.label for r in rows}), "leakfree", 0).write_csv(out)
 
 
@@ -292,7 +301,8 @@ def test_cached_training_matches_uncached(dm: EcgDataModule, net: torch.nn.Modul
     # fp32, two epochs of training amplify the fp16 rounding of the features (0.5% of the final loss here).
     plain = {"float32": fit_and_test(state, dm, None, tmp_path)[0],
              "float16": fit_and_test(state, dm, None, tmp_path, round_fp16_at="Mixed_7b")[0]}
-    for dtype, tol in (("float32", 1e-4), ("float16", 1e-3)):  # conv rounding differs with batch size
+    # conv rounding differs with batch size; float32: 1.6e-4 of the loss measured on the leak-free fixed split
+    for dtype, tol in (("float32", 3e-4), ("float16", 1e-3)):
         reference = plain[dtype]
         cached, model, data = fit_and_test(state, dm, {"model": {"trunk_cache": "auto"}}, tmp_path, dtype)
         assert isinstance(data, TrunkCachedDataModule) and model.trunk_split.boundary == "Mixed_7b"

@@ -31,6 +31,7 @@ from ecg_inception.data.duplicates import (
     label_conflicts,
     near_duplicate_groups,
 )
+from ecg_inception.data.scale import GridPitch, measure_pitch
 from ecg_inception.data.scan import (
     ImageFile,
     ScanResult,
@@ -79,6 +80,7 @@ class AuditReport:
     grid_hashes: dict[str, np.ndarray] = field(
         default_factory=dict
     )  # exact-group representative -> grid hash
+    pitches: dict[str, GridPitch] = field(default_factory=dict)  # rel_path -> grid pitch (scale.measure_pitch)
 
     def group_ids(self) -> dict[str, str]:
         """rel_path -> group id for splitting: exact copies and near-duplicate groups share one id.
@@ -164,6 +166,7 @@ class AuditReport:
             "crops": {
                 p: {"box": box.as_list(), "fallback": box.fallback} for p, box in sorted(self.crops.items())
             },
+            "pitches": {p: pitch.as_dict() for p, pitch in sorted(self.pitches.items())},
             "groups": self.group_ids(),
             "grid_hashes": {p: hash_to_hex(h) for p, h in sorted(self.grid_hashes.items())},
             "images": {
@@ -208,6 +211,8 @@ class AuditReport:
                 crops=crops,
                 near_threshold=None if threshold is None else int(threshold),
                 grid_hashes={p: hash_from_hex(h) for p, h in data.get("grid_hashes", {}).items()},
+                pitches={p: GridPitch(float(v["px_per_mm"]), bool(v["fallback"]))
+                         for p, v in data.get("pitches", {}).items()},  # fmt: skip
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise DatasetError(f"not an audit report: {type(exc).__name__}: {exc}") from exc
@@ -245,7 +250,8 @@ def write_json_atomic(path: str | Path, data: Any) -> Path:
 
 
 def inspect_image(path: str, with_hash: bool = True) -> tuple[bool, Any]:
-    """Decode one file: (True, (width, height, mode, box list, fallback, hash bytes or None)) or (False, reason).
+    """Decode one file: (True, (width, height, mode, box list, fallback, hash bytes or None, px/mm, pitch
+    fallback)) or (False, reason).
 
     Runs in pool workers, hence plain picklable values.
     """
@@ -255,7 +261,8 @@ def inspect_image(path: str, with_hash: bool = True) -> tuple[bool, Any]:
         return False, exc.reason
     box = detect_grid_box(rgb)
     digest = grid_hash(rgb, box).tobytes() if with_hash else None
-    return True, (rgb.width, rgb.height, mode, box.as_list(), box.fallback, digest)
+    pitch = measure_pitch(rgb, box)
+    return True, (rgb.width, rgb.height, mode, box.as_list(), box.fallback, digest, pitch.px_per_mm, pitch.fallback)
 
 
 def _map(fn: Callable[..., Any], args: list[tuple[Any, ...]], workers: int, progress: bool) -> list[Any]:
@@ -344,6 +351,7 @@ def audit_folder(
 
     images: list[ImageFile] = []
     crops: dict[str, CropBox] = {}
+    pitches: dict[str, GridPitch] = {}
     hashes: dict[str, np.ndarray] = {}
     for rel, label, _path in listing.candidates:
         if rel not in sha_of:
@@ -353,9 +361,10 @@ def audit_folder(
         if not ok:
             unreadable[rel] = info
             continue
-        width, height, mode, box, fallback, digest = info
+        width, height, mode, box, fallback, digest, px_per_mm, pitch_fallback = info
         images.append(ImageFile(rel, label, sha, width, height, mode))
         crops[rel] = CropBox(*box, fallback=fallback)
+        pitches[rel] = GridPitch(px_per_mm, pitch_fallback)
         if digest is not None and sha not in hashes:
             hashes[sha] = np.frombuffer(digest, dtype=np.uint8)
 
@@ -375,6 +384,7 @@ def audit_folder(
         crops=crops,
         near_threshold=threshold if near_duplicates else None,
         grid_hashes=rep_hashes,
+        pitches=pitches,
     )
     # Conflicts over the groups the split moves as a whole (near copies merged), as the split excludes them.
     merged: dict[str, list[str]] = {}

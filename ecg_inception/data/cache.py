@@ -30,7 +30,7 @@ from torch.utils.data import get_worker_info
 from ecg_inception.data.crop import CropBox
 from ecg_inception.data.transforms import parse_image_size, size_value
 
-CACHE_VERSION = 2  # bump when preprocessing changes in a way the settings do not show (2: EXIF orientation applied)
+CACHE_VERSION = 3  # bump when preprocessing changes in a way the settings do not show (2: EXIF orientation; 3: physical scale, ink by colour)
 _MAGIC = b"ECGU8\x00"
 _HEADER = struct.Struct("<6sHHIII")  # magic, version, channels, height, width, crc32 of the payload
 _SLOTS = 64  # per-process counter rows: main process and DataLoader workers never share a row

@@ -32,6 +32,7 @@ from ecg_inception.data.cache import (
     warm_decoded_cache,
 )
 from ecg_inception.data.pages import preprocess_with
+from ecg_inception.data.scale import CANONICAL_PX_PER_MM
 from ecg_inception.data.split import (
     SPLITS,
     Manifest,
@@ -43,6 +44,7 @@ from ecg_inception.data.split import (
 from ecg_inception.data.transforms import (
     AUGMENT_KINDS,
     MIN_IMAGE_SIZE,
+    PREPROCESS_VERSION,
     RESIZE_MODES,
     DataConfig,
     Normalize,
@@ -371,6 +373,12 @@ class EcgDataModule(L.LightningDataModule):
                     "protocol %r is leaky: copies of one ECG sit in more than one split (%d groups cross splits)",
                     manifest.protocol, len(crossing),
                 )  # fmt: skip
+            no_pitch = [r.path for r in manifest.rows if r.pitch_fallback]
+            if no_pitch:
+                log.warning(
+                    "%d file(s) show no measurable grid pitch and are scaled by their box size instead (first: %s; "
+                    "pitch_fallback in the manifest)", len(no_pitch), no_pitch[0],
+                )  # fmt: skip
             log.info("split of %s: %s", root, manifest.counts())
             self._manifest = manifest
         return self._manifest
@@ -476,7 +484,11 @@ class EcgDataModule(L.LightningDataModule):
 
     @property
     def preprocessing(self) -> dict[str, Any]:
-        """Plain dict the model stores in its checkpoint so eval and predict preprocess like training."""
+        """Plain dict the model stores in its checkpoint so eval and predict preprocess like training.
+
+        `version` is `transforms.PREPROCESS_VERSION` (a checkpoint with another one is refused when loaded) and
+        `px_per_mm` the canonical scale every page is resampled to before the ink step.
+        """
         cfg = self.data_config
         return {
             "model_name": self.model_name,
@@ -487,6 +499,8 @@ class EcgDataModule(L.LightningDataModule):
             "resize": self.resize,
             "crop": self.crop,
             "ink": self.ink,
+            "version": PREPROCESS_VERSION,
+            "px_per_mm": CANONICAL_PX_PER_MM,
         }
 
     def teardown(self, stage: str | None = None) -> None:

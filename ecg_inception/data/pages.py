@@ -1,7 +1,8 @@
 """One page -> the model's uint8 input: the step `EcgImageDataset` applies to every file of a split, shared with
 prediction, which meets pages outside any manifest (and so detects their crop box itself).
 
-Also the version of that preprocessing, which checkpoints and export sidecars carry.
+The version of that preprocessing, which checkpoints and export sidecars carry, is
+`transforms.PREPROCESS_VERSION`; `check_preprocessing` refuses any other.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from PIL import Image
 
 from ecg_inception.data.cache import PreprocessSettings
 from ecg_inception.data.crop import CropBox, detect_grid_box
-from ecg_inception.data.transforms import preprocess
+from ecg_inception.data.transforms import check_preprocessing_version, preprocess
 from ecg_inception.errors import ConfigValueError
 
 
@@ -26,10 +27,6 @@ def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
-#: Version of the preprocessing a checkpoint's `preprocessing` dict describes (a dict without "version" was
-#: written by version 1). Prediction refuses any version this code cannot reproduce.
-PREPROCESSING_VERSION = 1
-SUPPORTED_PREPROCESSING_VERSIONS = (1,)
 #: Keys a checkpoint's `preprocessing` dict must hold for prediction outside the training data.
 PREPROCESSING_KEYS = ("size", "mean", "std", "interpolation", "resize", "crop")
 
@@ -51,12 +48,7 @@ def check_preprocessing(preprocessing: Mapping[str, Any] | None, source: str | P
     missing = [k for k in PREPROCESSING_KEYS if k not in prep]
     if missing:
         raise ConfigValueError(f"{source}: the stored preprocessing lacks {missing} (has {sorted(prep)})")
-    version = prep.get("version", 1)
-    if version not in SUPPORTED_PREPROCESSING_VERSIONS:
-        raise ConfigValueError(
-            f"{source}: preprocessing version {version!r} is not supported by this ecg_inception "
-            f"(supported: {list(SUPPORTED_PREPROCESSING_VERSIONS)}); predict with the version that trained it"
-        )
+    check_preprocessing_version(prep, source)
     return prep
 
 

@@ -1,5 +1,13 @@
 """Split protocols, balancing and the split manifest (CSV).
 
+Manifest format 2 (this version) starts with one comment line, `# ecg_inception manifest {json}`, that records
+the format, the protocol, the seed, the balance and the near-duplicate settings; the rows carry each file's
+sha256, crop box, measured grid pitch and grid hash. Reading one recomputes the duplicate groups from the
+content hashes (equal sha256, grid hashes within the recorded threshold) instead of trusting the `group`
+column, and under `leakfree` refuses a manifest whose groups cross splits, naming the files. Format 1 files
+(no comment line, written before 0.2) are read with groups recomputed from sha256 alone; a newer format is
+refused.
+
 `leakfree` (default) keeps one file per byte-identical group, keeps near-duplicate groups together and
 splits whole groups, stratified by class, so no ECG is ever seen in two splits. `paper` reproduces the
 published protocol: every file including copies, undersampled to the smallest class before a random
@@ -10,17 +18,21 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import random
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
+from ecg_inception.data import duplicates
 from ecg_inception.data.crop import CropBox
+from ecg_inception.data.duplicates import UnionFind, hash_from_hex, hash_to_hex, near_duplicate_groups
 from ecg_inception.data.labels import order_labels
+from ecg_inception.data.scale import GridPitch
 from ecg_inception.errors import DatasetError, ManifestError
 
 if TYPE_CHECKING:
@@ -33,7 +45,10 @@ SPLITS = ("train", "val", "test")
 REQUIRED_COLUMNS = ("path", "label", "group", "split")
 COLUMNS = REQUIRED_COLUMNS + (
     "sha256", "crop_left", "crop_top", "crop_right", "crop_bottom", "crop_fallback",
+    "px_per_mm", "pitch_fallback", "grid_hash",
 )  # fmt: skip
+MANIFEST_FORMAT = 2  # 1: no comment line, no pitch or grid hash; 2: the `# ecg_inception manifest` line
+META_PREFIX = "# ecg_inception manifest "
 DEFAULT_FRACTIONS = (0.7, 0.15, 0.15)
 
 
@@ -88,6 +103,9 @@ class ManifestRow:
     crop_right: int | None = None
     crop_bottom: int | None = None
     crop_fallback: bool = False
+    px_per_mm: float | None = None  # measured grid pitch (scale.measure_pitch); None when unknown
+    pitch_fallback: bool = False
+    grid_hash: str = ""  # hex of the near-duplicate hash of this file's content (duplicates.grid_hash)
 
     @property
     def box(self) -> CropBox | None:
@@ -110,6 +128,8 @@ class Manifest:
     excluded: list[tuple[str, str]] = field(default_factory=list)
     balance: str = "none"
     balance_stage: str = "train"
+    near_threshold: int | None = None  # Hamming threshold the groups were made with (None: not searched)
+    format: int = MANIFEST_FORMAT  # the format it was read from (written files are always MANIFEST_FORMAT)
 
     @property
     def leaky(self) -> bool:
@@ -149,9 +169,19 @@ class Manifest:
         mean = sum(present) / len(present)
         return [w / mean for w in inv]
 
+    def metadata(self) -> dict[str, object]:
+        """What the comment line records: format, protocol, seed, balance and the near-duplicate settings."""
+        near = None
+        if self.near_threshold is not None:
+            near = {"threshold": int(self.near_threshold), "hash": "grid dHash", "hash_size": duplicates.HASH_SIZE,
+                    "ink_cutoff": duplicates.INK_CUTOFF, "margin": duplicates.HASH_MARGIN}  # fmt: skip
+        return {"format": MANIFEST_FORMAT, "protocol": self.protocol, "seed": self.seed, "balance": self.balance,
+                "balance_stage": self.balance_stage, "near_duplicates": near}  # fmt: skip
+
     def to_csv_text(self) -> str:
-        """The manifest as CSV text (rows sorted by path, '\\n' line ends): same split, same bytes."""
-        return _csv_text(COLUMNS, [_row_fields(r) for r in sorted(self.rows, key=lambda r: r.path)])
+        """The manifest as text: the metadata comment line, then CSV rows sorted by path ('\\n' line ends)."""
+        meta = META_PREFIX + json.dumps(self.metadata(), sort_keys=True) + "\n"
+        return meta + _csv_text(COLUMNS, [_row_fields(r) for r in sorted(self.rows, key=lambda r: r.path)])
 
     def write_csv(self, path: str | Path) -> Path:
         """Write the manifest and its `<stem>.excluded.csv` sidecar atomically; returns the manifest path."""
@@ -175,27 +205,103 @@ class Manifest:
         """Read and validate a manifest; errors name the file and line.
 
         With `root`, every listed file must exist under it; with `labels`, every label must be one of them.
+        The groups are recomputed from the content hashes (see the module docstring).
+
+        Raises:
+            ManifestError: a malformed file; a format newer than `MANIFEST_FORMAT`; a manifest made under
+                another protocol than `protocol`; under `leakfree`, copies of one ECG in two splits (the error
+                names the crossing files).
         """
-        balance, balance_stage = resolve_balance(protocol, balance, balance_stage)
         path = Path(path)
         if not path.is_file():
             raise ManifestError(f"{path}: manifest not found")
+        meta = _read_metadata(path)
+        stored = meta.get("protocol")
+        if stored is not None and stored != protocol:
+            raise ManifestError(
+                f"{path}: made under protocol {stored!r}, loaded under {protocol!r}; set data.protocol={stored} "
+                "or make a new split"
+            )
+        balance, balance_stage = resolve_balance(protocol, balance, balance_stage)
+        near = meta.get("near_duplicates") or {}
+        threshold = near.get("threshold") if isinstance(near, dict) else None
         allowed = list(labels) if labels is not None else None
-        rows = _parse_rows(path, Path(root) if root is not None else None, allowed)
+        rows = _regroup(_parse_rows(path, Path(root) if root is not None else None, allowed), threshold)
         excluded: list[tuple[str, str]] = []
         side = excluded_path(path)
         if side.is_file():
             with side.open(newline="", encoding="utf-8") as fh:
                 excluded = [(rec["path"], rec["reason"]) for rec in csv.DictReader(fh)]
-        return cls(
+        manifest = cls(
             rows=rows,
             labels=order_labels(allowed if allowed is not None else (r.label for r in rows)),
             protocol=protocol,
-            seed=None,
+            seed=meta["seed"] if isinstance(meta.get("seed"), int) else None,
             excluded=excluded,
             balance=balance,
             balance_stage=balance_stage,
+            near_threshold=None if threshold is None else int(threshold),
+            format=int(meta.get("format", 1)),
         )
+        crossing = manifest.crossing_groups()
+        if protocol == "leakfree" and crossing:
+            members = [f"{r.path} ({r.split})" for r in manifest.rows if r.group in set(crossing)]
+            raise ManifestError(
+                f"{path}: leaky under protocol 'leakfree': {len(crossing)} group(s) of copies or near duplicates "
+                f"sit in more than one split: {', '.join(members[:12])}{' ...' if len(members) > 12 else ''}"
+            )
+        return manifest
+
+
+def _read_metadata(path: Path) -> dict[str, object]:
+    """The comment line's JSON ({} for a format-1 file); a newer format or a broken line raises."""
+    with path.open(encoding="utf-8") as fh:
+        first = fh.readline()
+    if not first.startswith("#"):
+        return {}
+    if not first.startswith(META_PREFIX):
+        raise ManifestError(f"{path}:1: unknown comment line; expected {META_PREFIX.strip()!r} and JSON")
+    try:
+        meta = json.loads(first[len(META_PREFIX):])
+    except ValueError as err:
+        raise ManifestError(f"{path}:1: the manifest metadata is not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("format"), int):
+        raise ManifestError(f"{path}:1: the manifest metadata has no integer 'format'")
+    if meta["format"] > MANIFEST_FORMAT:
+        raise ManifestError(
+            f"{path}: manifest format {meta['format']} is newer than this library's ({MANIFEST_FORMAT}); upgrade "
+            "ecg_inception or make a new split"
+        )
+    return meta
+
+
+def _regroup(rows: list[ManifestRow], threshold: int | None) -> list[ManifestRow]:
+    """Rows with groups recomputed from content: equal sha256, grid hashes within `threshold`, or equal group.
+
+    Each merged group keeps the smallest of its written group ids, so a consistent manifest reads back
+    unchanged.
+    """
+    uf = UnionFind(len(rows))
+    first: dict[tuple[str, str], int] = {}
+    for i, r in enumerate(rows):
+        for key in (("group", r.group), ("sha", r.sha256)):
+            if key[1]:
+                j = first.setdefault(key, i)
+                if j != i:
+                    uf.union(i, j)
+    hashed = [i for i, r in enumerate(rows) if r.grid_hash]
+    if threshold is not None and len(hashed) > 1:
+        names = [str(i) for i in hashed]
+        for near in near_duplicate_groups(names, [hash_from_hex(rows[i].grid_hash) for i in hashed], threshold):
+            for other in near[1:]:
+                uf.union(int(near[0]), int(other))
+    out = list(rows)
+    for members in uf.groups():
+        gid = min(rows[i].group for i in members)
+        for i in members:
+            if rows[i].group != gid:
+                out[i] = replace(rows[i], group=gid)
+    return out
 
 
 def excluded_path(manifest_path: str | Path) -> Path:
@@ -206,7 +312,9 @@ def excluded_path(manifest_path: str | Path) -> Path:
 
 def _row_fields(r: ManifestRow) -> list[str]:
     crop = ["" if v is None else str(v) for v in (r.crop_left, r.crop_top, r.crop_right, r.crop_bottom)]
-    return [r.path, r.label, r.group, r.split, r.sha256, *crop, "1" if r.crop_fallback else "0"]
+    pitch = "" if r.px_per_mm is None else f"{r.px_per_mm:.4f}"
+    return [r.path, r.label, r.group, r.split, r.sha256, *crop, "1" if r.crop_fallback else "0", pitch,
+            "1" if r.pitch_fallback else "0", r.grid_hash]  # fmt: skip
 
 
 def _csv_text(header: Sequence[str], records: Iterable[Sequence[str]]) -> str:
@@ -234,6 +342,10 @@ def _box_fields(box: CropBox | None) -> tuple[int | None, int | None, int | None
     return box.left, box.top, box.right, box.bottom, bool(box.fallback)
 
 
+def _pitch_fields(pitch: GridPitch | None) -> tuple[float | None, bool]:
+    return (None, False) if pitch is None else (round(float(pitch.px_per_mm), 4), bool(pitch.fallback))
+
+
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(choices)}")
@@ -249,22 +361,39 @@ def _parse_int(text: str, where: str, column: str) -> int | None:
         raise ManifestError(f"{where}: {column} {text!r} is not an integer") from None
 
 
+def _parse_float(text: str, where: str, column: str) -> float | None:
+    if text.strip() == "":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ManifestError(f"{where}: {column} {text!r} is not a number") from None
+    if not value > 0:
+        raise ManifestError(f"{where}: {column} {text!r} must be positive")
+    return value
+
+
 def _parse_rows(path: Path, root: Path | None, labels: list[str] | None) -> list[ManifestRow]:
     rows: list[ManifestRow] = []
     seen: set[str] = set()
     with path.open(newline="", encoding="utf-8") as fh:
+        offset = 0
+        if fh.readline().startswith("#"):
+            offset = 1  # the metadata line (format 2): line numbers below count it
+        else:
+            fh.seek(0)
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None:
-            raise ManifestError(f"{path}:1: empty file, expected a header with columns {','.join(COLUMNS)}")
+            raise ManifestError(f"{path}:{1 + offset}: empty file, expected a header with columns {','.join(COLUMNS)}")
         missing = [c for c in REQUIRED_COLUMNS if c not in header]
         if missing:
             raise ManifestError(
-                f"{path}:1: missing column(s) {', '.join(missing)} (header: {','.join(header)})"
+                f"{path}:{1 + offset}: missing column(s) {', '.join(missing)} (header: {','.join(header)})"
             )
         col = {name: i for i, name in enumerate(header)}
         for rec in reader:
-            where = f"{path}:{reader.line_num}"
+            where = f"{path}:{reader.line_num + offset}"
             if not any(v.strip() for v in rec):
                 continue
             if len(rec) != len(header):
@@ -288,7 +417,12 @@ def _parse_rows(path: Path, root: Path | None, labels: list[str] | None) -> list
                 raise ManifestError(f"{where}: crop_fallback {fallback!r} is not 0/1")
             crops = [_parse_int(get.get(c, ""), where, c) for c in COLUMNS[5:9]]
             group, sha = get["group"] or rel, get.get("sha256", "")
-            rows.append(ManifestRow(rel, label, group, split, sha, *crops, fallback in ("1", "true")))
+            pitch = _parse_float(get.get("px_per_mm", ""), where, "px_per_mm")
+            grid = get.get("grid_hash", "").strip().lower()
+            if grid and (len(grid) % 2 or any(c not in "0123456789abcdef" for c in grid)):
+                raise ManifestError(f"{where}: grid_hash is not hexadecimal")
+            rows.append(ManifestRow(rel, label, group, split, sha, *crops, fallback in ("1", "true"), pitch,
+                                    get.get("pitch_fallback", "").strip() in ("1", "true"), grid))  # fmt: skip
     if not rows:
         raise ManifestError(f"{path}: the manifest lists no files")
     return sorted(rows, key=lambda r: r.path)
@@ -439,10 +573,13 @@ def make_split(
             )
             excluded += _dropped(dropped, f"undersampled to {target} train files per class (train)")
 
+    rep_of = {p: g[0] for g in report.exact_groups for p in g}
+    hex_of = {rep: hash_to_hex(h) for rep, h in report.grid_hashes.items()}
     rows = [
         ManifestRow(
-            p, u.label, group_of.get(p, p), split, images[p].sha256, *_box_fields(report.crops.get(p))
-        )
+            p, u.label, group_of.get(p, p), split, images[p].sha256, *_box_fields(report.crops.get(p)),
+            *_pitch_fields(report.pitches.get(p)), hex_of.get(rep_of.get(p, p), ""),
+        )  # fmt: skip
         for parts in assigned.values()
         for split, us in parts.items()
         for u in us
@@ -452,5 +589,5 @@ def make_split(
         raise DatasetError(f"{report.scan.root}: no files left to split under protocol {protocol!r}")
     return Manifest(
         rows=sorted(rows, key=lambda r: r.path), labels=labels, protocol=protocol, seed=seed,
-        excluded=sorted(excluded), balance=balance, balance_stage=stage,
+        excluded=sorted(excluded), balance=balance, balance_stage=stage, near_threshold=report.near_threshold,
     )  # fmt: skip

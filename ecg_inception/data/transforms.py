@@ -14,19 +14,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageChops, ImageFilter
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
 from ecg_inception.data.crop import CropBox
+from ecg_inception.data.scale import CANONICAL_PX_PER_MM, GridPitch, measure_pitch, to_canonical
+from ecg_inception.errors import ConfigValueError
 
 RESIZE_MODES = ("squash", "letterbox")
 AUGMENT_KINDS = ("ecg", "shift", "paper", "none")
 WHITE = 255  # the paper background: fill for letterbox bars and affine borders
-# Ink: the red channel keeps the black trace dark and the pink/red grid light (R >= 217 on the dev set);
-# levels below this cutoff are ink, the same cutoff as the duplicate hash (data/duplicates.py).
-INK_CUTOFF = 200
-_INK_LUT = [min(WHITE, round(v * WHITE / INK_CUTOFF)) for v in range(256)]
+#: Version of what `preprocess` does; checkpoints store it (see `check_preprocessing_version`).
+#: 1: crop, ink from the red channel at a fixed cutoff, kernels in output pixels (up to 0.1.x).
+#: 2: crop, grid pitch -> resample to CANONICAL_PX_PER_MM, ink by colour with a per-page Otsu cutoff.
+PREPROCESS_VERSION = 2
+CANONICAL_MM_TEXT = f"{CANONICAL_PX_PER_MM:g} px/mm"
+# Ink: value = max(R, G, B) keeps the dark, unsaturated trace dark and any light or saturated grid colour
+# (pink, red, orange: max channel >= ~215) light. The cutoff between them is Otsu's threshold of the page's
+# own value histogram (real pages 144-148, synthetic pages 149-160 at canonical scale), kept in this range
+# so that a page with no trace at all cannot turn its grid into ink.
+INK_CUTOFF_RANGE = (96, 208)
 
 _PIL_INTERPOLATION = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -111,17 +119,55 @@ def resolve_data_config(
     return DataConfig(size, mean, std, interpolation)  # type: ignore[arg-type]
 
 
-def ink_image(img: Image.Image, thicken: int = 1) -> Image.Image:
-    """Drop the pink/red grid and keep the trace: grey = min(255, R * 255 / INK_CUTOFF), on all 3 channels.
+def otsu_threshold(levels: np.ndarray) -> int:
+    """Otsu's threshold of a uint8 array: the level t that best separates values < t from values >= t."""
+    hist = np.bincount(np.asarray(levels, dtype=np.uint8).ravel(), minlength=256).astype(np.float64)
+    total = hist.sum()
+    if total == 0:
+        raise ValueError("cannot threshold an empty image")
+    p = hist / total
+    omega = np.cumsum(p)[:-1]  # share of values <= k, for a split between k and k + 1
+    mu = np.cumsum(p * np.arange(256))[:-1]
+    between = np.zeros_like(omega)
+    valid = (omega > 0) & (omega < 1)
+    mean_all = float((p * np.arange(256)).sum())
+    between[valid] = (mean_all * omega[valid] - mu[valid]) ** 2 / (omega[valid] * (1 - omega[valid]))
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    # Where the histogram has a gap the criterion is flat across it: take the middle of the gap.
+    return int(round((best[0] + best[-1]) / 2)) + 1
 
-    Black ink stays dark, the grid (R >= INK_CUTOFF) turns paper-white, antialiased edges scale linearly.
-    `thicken` (odd) widens the ink with a `thicken` x `thicken` minimum filter, so that a thin trace keeps
-    its contrast through a large downscale instead of averaging out to a faint grey line.
+
+def ink_cutoff(img: Image.Image) -> int:
+    """Per-page ink cutoff: Otsu's threshold of max(R, G, B), clipped to `INK_CUTOFF_RANGE`."""
+    value = np.asarray(_value_channel(img))
+    lo, hi = INK_CUTOFF_RANGE  # the same as ink_image(cutoff=None)
+    return int(np.clip(otsu_threshold(value), lo, hi))
+
+
+def _value_channel(img: Image.Image) -> Image.Image:
+    """max(R, G, B) of an RGB image as an "L" image: dark only where every channel is dark."""
+    img = img.convert("RGB") if img.mode != "RGB" else img
+    r, g, b = img.split()
+    return ImageChops.lighter(ImageChops.lighter(r, g), b)
+
+
+def ink_image(img: Image.Image, thicken: int = 1, cutoff: int | None = None) -> Image.Image:
+    """Drop the grid by colour and keep the trace: grey = min(255, V * 255 / cutoff) with V = max(R, G, B).
+
+    The dark, unsaturated trace stays dark; the pink/red/orange grid, light everywhere in its strongest
+    channel, turns paper-white; antialiased edges scale linearly. `cutoff` None: the page's own
+    `ink_cutoff` (Otsu). `thicken` (odd) widens the ink with a `thicken` x `thicken` minimum filter, so that a
+    thin trace keeps its contrast through a large downscale instead of averaging out to a faint grey line.
     """
     if thicken < 1 or thicken % 2 == 0:
         raise ValueError(f"thicken must be a positive odd number, got {thicken}")
-    img = img.convert("RGB") if img.mode != "RGB" else img
-    grey = img.getchannel("R").point(_INK_LUT)
+    value = _value_channel(img)
+    if cutoff is None:
+        lo, hi = INK_CUTOFF_RANGE
+        cutoff = int(np.clip(otsu_threshold(np.asarray(value)), lo, hi))  # = ink_cutoff(img)
+    if not 1 <= cutoff <= WHITE:
+        raise ValueError(f"ink cutoff must lie in 1..255, got {cutoff}")
+    grey = value.point([min(WHITE, round(v * WHITE / cutoff)) for v in range(256)])
     if thicken > 1:
         grey = grey.filter(ImageFilter.MinFilter(thicken))
     return Image.merge("RGB", (grey, grey, grey))
@@ -130,7 +176,11 @@ def ink_image(img: Image.Image, thicken: int = 1) -> Image.Image:
 def ink_thickening(width: int, height: int, size: SizeSpec, resize: str = "squash") -> int:
     """Minimum-filter size for `ink_image` before resizing a width x height image to `size`: about half the
     downscale factor (the smaller of the two axes' for squash, the letterbox scale otherwise), odd, 1 (none)
-    below a factor of 2."""
+    below a factor of 2.
+
+    `preprocess` applies it at `scale.CANONICAL_PX_PER_MM`, so the kernel is a width in millimetres (3 px =
+    0.75 mm for the Mendeley grid box at [128, 256]) and the same for a page at any scan resolution.
+    """
     out_h, out_w = parse_image_size(size)
     ratios = (width / out_w, height / out_h)
     factor = min(ratios) if resize == "squash" else max(ratios)
@@ -144,12 +194,17 @@ def preprocess(
     resize: str = "squash",
     interpolation: str = "bicubic",
     ink: bool = False,
+    pitch: GridPitch | None = None,
 ) -> torch.Tensor:
-    """Crop to `box` (None: whole page), optionally map to ink (`ink_image`, trace thickened by about half the
-    downscale factor), resize to uint8 [3, height, width] (`size`: an int for a square, or [height, width]).
+    """The model input of one page (preprocessing version `PREPROCESS_VERSION`), uint8 [3, height, width].
 
-    `squash` stretches to the target shape as the paper did; `letterbox` keeps the aspect ratio and pads with
-    white.
+    1. Crop to `box` (None: the whole page).
+    2. Resample the crop to `scale.CANONICAL_PX_PER_MM` from its grid pitch (`pitch`, None: measured here with
+       `scale.measure_pitch`, falling back to the box size), so every later step sees millimetres, not pixels.
+    3. With `ink`, remove the grid by colour with a per-page cutoff and thicken the trace (`ink_image`,
+       `ink_thickening`).
+    4. Resize to `size` (an int for a square, or [height, width]): `squash` stretches to the target shape as
+       the paper did; `letterbox` keeps the aspect ratio and pads with white.
     """
     out_h, out_w = parse_image_size(size)
     if resize not in RESIZE_MODES:
@@ -165,6 +220,7 @@ def preprocess(
         if right - left < 2 or bottom - top < 2:
             raise ValueError(f"crop box {box} leaves nothing of a {img.width}x{img.height} image")
         img = img.crop((left, top, right, bottom))
+    img = to_canonical(img, pitch if pitch is not None else measure_pitch(img))
     if ink:
         img = ink_image(img, ink_thickening(img.width, img.height, (out_h, out_w), resize))
     method = _PIL_INTERPOLATION[interpolation]
@@ -177,6 +233,33 @@ def preprocess(
         out = Image.new("RGB", (out_w, out_h), (WHITE, WHITE, WHITE))
         out.paste(img.resize((w, h), method), ((out_w - w) // 2, (out_h - h) // 2))
     return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
+_RECORD_KEYS = frozenset({"resize", "crop", "ink", "interpolation"})  # what every datamodule record has
+
+
+def check_preprocessing_version(preprocessing: dict[str, Any] | None, source: str) -> None:
+    """Refuse a checkpoint whose stored preprocessing is not this library's `PREPROCESS_VERSION`.
+
+    Args:
+        preprocessing: the checkpoint's `hyper_parameters.preprocessing` (None: nothing stored, accepted).
+        source: what it came from (a checkpoint path), named in the error.
+
+    Raises:
+        ConfigValueError: the version differs, or is missing from a full record (a checkpoint made before
+            versioning, i.e. version 1).
+    """
+    if not preprocessing:
+        return
+    if "version" not in preprocessing and not set(preprocessing) & _RECORD_KEYS:
+        return  # a partial dict (a size only, say) is not a record of how a run preprocessed
+    version = preprocessing.get("version", 1)
+    if version != PREPROCESS_VERSION:
+        raise ConfigValueError(
+            f"{source}: trained with preprocessing version {version!r}, this library preprocesses with version "
+            f"{PREPROCESS_VERSION} (grid pitch -> {CANONICAL_MM_TEXT}, ink by colour). Its predictions would not "
+            "mean what they say: retrain it, or use the ecg_inception release that trained it."
+        )
 
 
 class JpegNoise(torch.nn.Module):

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ecg_inception.data.pages import PREPROCESSING_VERSION, check_preprocessing
-from ecg_inception.data.transforms import parse_image_size
+from ecg_inception.data.pages import check_preprocessing
+from ecg_inception.data.transforms import PREPROCESS_VERSION, parse_image_size
 from ecg_inception.errors import ConfigValueError
 from ecg_inception.inference.records import DEFAULT_LOW_CONFIDENCE
 from ecg_inception.models.module import EcgClassifier
@@ -88,7 +88,7 @@ def export_model(checkpoint: str | Path, out: str | Path, fmt: str | None = None
     fmt = _format_of(out, fmt)
     model = load_classifier(checkpoint)
     prep = check_preprocessing(model.hparams["preprocessing"], checkpoint)
-    prep.setdefault("version", PREPROCESSING_VERSION)
+    prep.setdefault("version", PREPROCESS_VERSION)
     height, width = parse_image_size(prep["size"])
     wrapper = ProbabilityModel(model).eval()
     example = torch.randn(EXAMPLE_BATCH, 3, height, width, generator=torch.Generator().manual_seed(0))

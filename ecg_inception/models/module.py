@@ -25,7 +25,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ecg_inception.data.settings import check_preprocessing
-from ecg_inception.data.transforms import parse_image_size
+from ecg_inception.data.transforms import check_preprocessing_version, parse_image_size
 from ecg_inception.errors import CheckpointError, ConfigValueError, EcgInceptionError, PretrainedWeightsError
 from ecg_inception.models.backbone import create_backbone, head_names
 from ecg_inception.models.calibration import check_temperature
@@ -178,6 +178,7 @@ class EcgClassifier(pl.LightningModule):
                 split_spec(spec, what)  # unknown names fail now, not after the first epoch
         if gradual_unfreeze:
             GradualUnfreeze(**gradual_unfreeze)  # likewise for a malformed schedule
+        check_preprocessing_version(preprocessing, "model.preprocessing (the checkpoint's hyper_parameters)")
         size = (preprocessing or {}).get("size")
         if aux_logits and size is not None and min(parse_image_size(size)) < AUX_MIN_SIZE:
             raise ValueError(

@@ -32,8 +32,10 @@ from ecg_inception.data.datamodule import _plain, default_num_workers
 from ecg_inception.data.pages import preprocess_page
 from ecg_inception.data.ptbxl import PtbxlData, fold_split, read_ptbxl
 from ecg_inception.data.ptbxl_labels import DEFAULT_MIN_LIKELIHOOD, label_names, multi_hot
+from ecg_inception.data.scale import CANONICAL_PX_PER_MM
 from ecg_inception.data.transforms import (
     MIN_IMAGE_SIZE,
+    PREPROCESS_VERSION,
     RESIZE_MODES,
     DataConfig,
     Normalize,
@@ -241,7 +243,7 @@ class PtbxlDataModule(L.LightningDataModule):
         cfg = self.data_config
         return {"model_name": self.model_name, "size": size_value(cfg.size), "mean": list(cfg.mean),
                 "std": list(cfg.std), "interpolation": cfg.interpolation, "resize": self.resize, "crop": self.crop,
-                "ink": self.ink}
+                "ink": self.ink, "version": PREPROCESS_VERSION, "px_per_mm": CANONICAL_PX_PER_MM}
 
     def describe(self) -> dict[str, Any]:
         """Records per split and label counts (positives per label), for metrics.json."""

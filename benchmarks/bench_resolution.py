@@ -1,0 +1,171 @@
+"""Resolution invariance: the same ECG at its original resolution and as its half-resolution dev twin.
+
+`mendeley-ecg-fullres-sample` holds 32 dev ECGs as published (2213 x 1572); `mendeley-ecg-dev` holds each of
+them under the same folder and file name, downscaled by 2 and re-encoded. Three subcommands:
+
+- `inputs`: the preprocessed model inputs of every original and its twin: mean absolute difference (0-255)
+  and the share of trace pixels that match (intersection over union of the pixels darker than 128).
+- `leave-out`: a copy of the dev folder without the 32 ECGs, removed by content: the whole exact and
+  near-duplicate group (the audit's split groups) of every twin goes, not only the file of that name.
+- `score`: a checkpoint's predictions on the 32 originals and their 32 twins, with the checkpoint's own
+  stored preprocessing: label agreement (same label for a page and its twin) and macro-F1 on each side.
+
+    python benchmarks/bench_resolution.py inputs
+    python benchmarks/bench_resolution.py leave-out --out /tmp/dev-minus32
+    python benchmarks/bench_resolution.py score --ckpt logs/train/runs/<run>/checkpoints/best.ckpt
+
+Nothing here is timed, and nothing is asserted: tests/test_scale_invariance.py holds the bounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from _common import Check, add_json_arg, print_checks, print_table, save_json, start_cpu_benchmark
+
+from ecg_inception.data.labels import label_for_folder
+from ecg_inception.data.pages import preprocess_page
+from ecg_inception.data.scan import open_rgb
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+TRACE_LEVEL = 128  # a pixel darker than this in the ink input counts as trace
+
+
+def pairs(fullres: Path, dev: Path) -> list[tuple[Path, Path]]:
+    """(original, half-resolution twin) for every image under `fullres` whose twin exists under `dev`."""
+    out = []
+    for original in sorted(p for p in fullres.rglob("*") if p.suffix.lower() in {".jpg", ".jpeg", ".png"}):
+        twin = dev / original.relative_to(fullres)
+        if twin.is_file():
+            out.append((original, twin))
+    if not out:
+        raise SystemExit(f"no original under {fullres} has a twin under {dev}")
+    return out
+
+
+def model_input(path: Path, prep: dict[str, Any]) -> torch.Tensor:
+    """uint8 [3, H, W] input of one file with the given preprocessing record (the checkpoint's keys)."""
+    return preprocess_page(open_rgb(path), prep)[0]
+
+
+def input_agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """(mean absolute difference 0-255, trace IoU) of two uint8 inputs of the same shape."""
+    x, y = a.float(), b.float()
+    mad = float((x - y).abs().mean())
+    ta, tb = x[0] < TRACE_LEVEL, y[0] < TRACE_LEVEL
+    union = int((ta | tb).sum())
+    return mad, (int((ta & tb).sum()) / union if union else 1.0)
+
+
+def cmd_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], list[Check]]:
+    prep = {"size": args.size, "ink": not args.rgb, "crop": True, "resize": "squash", "interpolation": "bicubic"}
+    rows, mads, ious = [], [], []
+    for original, twin in pairs(args.fullres, args.dev):
+        mad, iou = input_agreement(model_input(original, prep), model_input(twin, prep))
+        mads.append(mad)
+        ious.append(iou)
+        rows.append((str(original.relative_to(args.fullres)), f"{mad:.2f}", f"{iou:.3f}"))
+    print_table(rows, ("file", "mean abs diff", "trace IoU"))
+    figures = {"mad": mads, "trace_iou": ious}
+    checks = [
+        Check("mean abs diff, mean", float(np.mean(mads)), None),
+        Check("mean abs diff, worst", float(np.max(mads)), None),
+        Check("trace IoU, mean", float(np.mean(ious)), None),
+        Check("trace IoU, worst", float(np.min(ious)), None),
+    ]
+    return figures, checks
+
+
+def cmd_leave_out(args: argparse.Namespace) -> tuple[dict[str, Any], list[Check]]:
+    from ecg_inception.data.audit import audit_folder
+
+    report = audit_folder(args.dev)
+    groups = report.group_ids()
+    twins = [twin.relative_to(args.dev).as_posix() for _, twin in pairs(args.fullres, args.dev)]
+    gone = {groups[t] for t in twins}
+    removed = sorted(p for p, g in groups.items() if g in gone)
+    kept = [p for p, g in groups.items() if g not in gone]
+    out: Path = args.out
+    if out.exists():
+        raise SystemExit(f"{out} exists; choose a new folder")
+    for rel in kept:
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(args.dev / rel, out / rel)
+    (out.parent / f"{out.name}.removed.json").write_text(json.dumps({"twins": twins, "removed": removed}, indent=1))
+    print(f"{len(twins)} twins -> {len(gone)} groups -> {len(removed)} files removed; {len(kept)} files copied to {out}")
+    figures = {"twins": len(twins), "groups": len(gone), "removed": len(removed), "kept": len(kept)}
+    return figures, [Check(k, float(v), None) for k, v in figures.items()]
+
+
+def cmd_score(args: argparse.Namespace) -> tuple[dict[str, Any], list[Check]]:
+    from ecg_inception.inference import Predictor
+    from ecg_inception.models.metrics import report_from_predictions
+
+    # The Predictor: the checkpoint's own preprocessing through the one code path training used.
+    predictor = Predictor.from_checkpoint(args.ckpt, device="cpu", num_workers=0)
+    labels = list(predictor.labels)
+    items = pairs(args.fullres, args.dev)[: args.limit]
+    target = torch.tensor([labels.index(label_for_folder(o.parent.name)) for o, _ in items])
+    probs: dict[str, torch.Tensor] = {}
+    for side, paths in (("original", [o for o, _ in items]), ("twin", [t for _, t in items])):
+        records = predictor.predict(paths)
+        failed = [r.path for r in records if r.error]
+        if failed:
+            raise SystemExit(f"could not read {failed}")
+        probs[side] = torch.tensor([[r.probabilities[label] for label in labels] for r in records])
+    pred = {k: v.argmax(-1) for k, v in probs.items()}
+    agree = int((pred["original"] == pred["twin"]).sum())
+    reports = {k: report_from_predictions(v, target, labels) for k, v in probs.items()}
+    rows = [(str(o.relative_to(args.fullres)), labels[int(t)], labels[int(a)], labels[int(b)])
+            for (o, _), t, a, b in zip(items, target, pred["original"], pred["twin"], strict=True)]  # fmt: skip
+    print_table(rows, ("file", "true", "original", "twin"))
+    f1o, f1t = reports["original"]["f1_macro"], reports["twin"]["f1_macro"]
+    n = len(items)
+    checks = [
+        Check(f"label agreement (of {n})", float(agree), float(n - 1)),
+        Check("macro-F1, originals", f1o, None),
+        Check("macro-F1, twins", f1t, None),
+        Check("|F1 originals - F1 twins|", abs(f1o - f1t), 0.05, higher_is_better=False),
+        Check("accuracy, originals", reports["original"]["accuracy"], None),
+        Check("accuracy, twins", reports["twin"]["accuracy"], None),
+    ]
+    figures = {"checkpoint": str(args.ckpt), "agreement": agree, "n": n, "reports": reports,
+               "predictions": [list(r) for r in rows]}  # fmt: skip
+    return figures, checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=("inputs", "leave-out", "score"))
+    parser.add_argument("--fullres", type=Path, default=DATA / "mendeley-ecg-fullres-sample")
+    parser.add_argument("--dev", type=Path, default=DATA / "mendeley-ecg-dev")
+    parser.add_argument("--size", type=int, nargs=2, default=[128, 256], help="inputs: height width")
+    parser.add_argument("--rgb", action="store_true", help="inputs: without the ink step")
+    parser.add_argument("--out", type=Path, help="leave-out: the new folder")
+    parser.add_argument("--ckpt", type=Path, help="score: an ecg_inception checkpoint")
+    parser.add_argument("--limit", type=int, default=None, help="score: only the first N pairs (a quick check)")
+    add_json_arg(parser)
+    args = parser.parse_args(argv)
+    args.fullres, args.dev = args.fullres.resolve(), args.dev.resolve()
+    if args.command == "leave-out" and args.out is None:
+        parser.error("leave-out needs --out")
+    if args.command == "score" and args.ckpt is None:
+        parser.error("score needs --ckpt")
+    torch.set_num_threads(1)
+    info = start_cpu_benchmark(argparse.Namespace(threads=1), f"resolution invariance: {args.command}")
+    command = {"inputs": cmd_inputs, "leave-out": cmd_leave_out, "score": cmd_score}[args.command]
+    figures, checks = command(args)
+    print_checks(checks)
+    save_json(args.json, f"resolution-{args.command}", info, args, figures, checks)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

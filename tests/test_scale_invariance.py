@@ -1,0 +1,54 @@
+"""Issue 9 on real pages: the 32 originals (2213 x 1572) against their half-resolution dev twins.
+
+Skipped where ../shared/data/mendeley-ecg-fullres-sample or the dev set is absent. The bound is shared with the
+synthetic scale test (tests/test_scale.py); `python benchmarks/bench_resolution.py inputs` prints every pair.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_scale import MAX_ABS_DIFF, MIN_TRACE_IOU, SIZE, agreement
+
+from ecg_inception.data.crop import detect_grid_box
+from ecg_inception.data.scale import measure_pitch
+from ecg_inception.data.transforms import preprocess
+
+FULLRES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mendeley-ecg-fullres-sample"
+# Means over the 32 pairs, measured: mean abs diff 1.33, trace IoU 0.907 (old preprocessing: 49.97, 0.747).
+MAX_MEAN_ABS_DIFF = 2.5
+MIN_MEAN_TRACE_IOU = 0.85
+
+
+@pytest.fixture(scope="module")
+def pairs(dev_root: Path) -> list[tuple[Path, Path]]:
+    if not FULLRES.is_dir():
+        pytest.skip(f"full-resolution sample not found at {FULLRES}")
+    out = [(p, dev_root / p.relative_to(FULLRES)) for p in sorted(FULLRES.glob("*/*.jpg"))]
+    assert len(out) == 32 and all(twin.is_file() for _, twin in out)
+    return out
+
+
+@pytest.mark.devset
+def test_grid_pitch_of_originals_is_twice_the_twins(pairs: list[tuple[Path, Path]]) -> None:
+    for original, twin in pairs[::4]:
+        a, b = (Image.open(p).convert("RGB") for p in (original, twin))
+        pa, pb = measure_pitch(a, detect_grid_box(a)), measure_pitch(b, detect_grid_box(b))
+        assert not pa.fallback and not pb.fallback
+        assert pa.px_per_mm / pb.px_per_mm == pytest.approx(2.0, abs=0.01), original.name
+        assert 7.9 < pa.px_per_mm < 8.0  # 5 mm major squares of ~39.7 px on the originals
+
+
+@pytest.mark.devset
+def test_originals_and_twins_give_the_same_model_input(pairs: list[tuple[Path, Path]], one_thread) -> None:
+    mads, ious = [], []
+    for original, twin in pairs:
+        a, b = (Image.open(p).convert("RGB") for p in (original, twin))
+        mad, iou = agreement(*(preprocess(x, detect_grid_box(x), SIZE, ink=True)[0].float() for x in (a, b)))
+        assert mad <= MAX_ABS_DIFF and iou >= MIN_TRACE_IOU, (original.name, mad, iou)
+        mads.append(mad)
+        ious.append(iou)
+    assert float(np.mean(mads)) <= MAX_MEAN_ABS_DIFF and float(np.mean(ious)) >= MIN_MEAN_TRACE_IOU
