@@ -46,7 +46,7 @@ def head_modules(model: nn.Module) -> list[str]:
 
 
 @contextmanager
-def _tracing(model: nn.Module) -> Iterator[torch.Tensor]:
+def tracing(model: nn.Module) -> Iterator[torch.Tensor]:
     """Eval mode, no grad and a small dummy input; every module's mode is restored afterwards."""
     modes = {m: m.training for m in model.modules()}
     aux = getattr(model, "aux_logits", None)
@@ -82,7 +82,7 @@ def call_order(model: nn.Module) -> list[str]:
 
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in model.named_modules() if n]
     try:
-        with _tracing(model) as dummy:
+        with tracing(model) as dummy:
             model(dummy)
     finally:
         for handle in handles:

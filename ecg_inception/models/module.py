@@ -216,7 +216,7 @@ class EcgClassifier(pl.LightningModule):
         self.last_logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._epoch_logits: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
         self._weights_from_checkpoint = False
-        #: Set by models.trunk_cache.maybe_use_trunk_cache: batches may then be cached trunk features.
+        #: Set by features.trunk_cache.use_trunk_cache: batches may then be cached trunk features.
         self.trunk_split: TrunkSplit | None = None
 
     @classmethod
@@ -315,10 +315,10 @@ class EcgClassifier(pl.LightningModule):
         return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
 
     def run_backbone(self, x: torch.Tensor | TrunkFeatures) -> Any:
-        """The backbone's raw output on images, or only its tail on cached trunk features (models.trunk_cache)."""
+        """The backbone's raw output on images, or only its tail on cached trunk features (features.trunk_cache)."""
         if isinstance(x, TrunkFeatures):
             if self.trunk_split is None:
-                raise RuntimeError("cached trunk features need model.trunk_split (see models.trunk_cache)")
+                raise RuntimeError("cached trunk features need model.trunk_split (see features.trunk_cache)")
             return self.trunk_split.tail(x)
         return self.backbone(self._prep(x))
 
