@@ -180,12 +180,6 @@ class DecodedCache:
         """Zero the counters (for example between epochs)."""
         self._counts.zero_()
 
-    def clear_memory(self) -> None:
-        """Drop this process's memory layer (the disk entries stay)."""
-        with self._lock:
-            self._memory.clear()
-            self._memory_used = 0
-
     def _count(self, hits: int = 0, misses: int = 0, memory_hits: int = 0, corrupt: int = 0) -> None:
         info = get_worker_info()
         slot = 0 if info is None else 1 + info.id % (_SLOTS - 1)

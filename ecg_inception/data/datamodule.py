@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from ecg_inception.core.cpus import usable_cpus
+from ecg_inception.core.cpus import torch_threads, usable_cpus
 from ecg_inception.core.hashing import file_sha256
 from ecg_inception.core.plain import from_omegaconf
 from ecg_inception.data.cache import (
@@ -116,16 +116,20 @@ class EcgImageDataset(Dataset):
         return self.cache.get(path, settings, build) if self.cache is not None else build()
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        threads = torch.get_num_threads()
-        if threads == 1 or get_worker_info() is not None:
+        if get_worker_info() is not None:
             return self._item(i)
         # In the main process (num_workers=0) run on one intra-op thread, as DataLoader workers do: the
-        # small per-image ops gain nothing from the pool and, on a busy machine, lose 10-50x to it.
-        torch.set_num_threads(1)
-        try:
+        # small per-image ops gain nothing from the pool and, on a busy machine, lose 10-50x to it. The count is
+        # scoped to this item: the model's steps between items keep the process's own setting.
+        with torch_threads(1):
             return self._item(i)
-        finally:
-            torch.set_num_threads(threads)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        """A batch of items (DataLoader's batched fetch): one thread-count switch per batch, not per item."""
+        if get_worker_info() is not None:
+            return [self._item(i) for i in indices]
+        with torch_threads(1):
+            return [self._item(i) for i in indices]
 
     def _item(self, i: int) -> tuple[torch.Tensor, int]:
         img = self.load_uint8(i)

@@ -458,8 +458,27 @@ class EcgClassifier(pl.LightningModule):
         frozen = [m for _, m in frozen_batchnorms(self.backbone)]
         if frozen:  # Lightning warns about eval-mode modules; these (and only exactly these) are intentional
             count = sum(1 for bn in frozen for _ in bn.modules())
+            # Lightning warns once, in the fit loop's start, between this hook and on_train_start: the filter lives
+            # only that long (a catch_warnings scope closed by on_train_start, or teardown if the fit fails first).
+            self._end_warning_scope()
+            scope = warnings.catch_warnings()
+            scope.__enter__()
+            self._warning_scope = scope
             warnings.filterwarnings("ignore", message=rf"Found {count} module\(s\) in eval mode at the start")
             log.info("%d frozen BatchNorm layers stay in inference mode (Keras trainable=False)", len(frozen))
+
+    def on_train_start(self) -> None:
+        """Close the warning filter `on_fit_start` opened (Lightning's eval-mode warning has been issued)."""
+        self._end_warning_scope()
+
+    def teardown(self, stage: str) -> None:
+        """Close the warning filter of a fit that stopped before `on_train_start`."""
+        self._end_warning_scope()
+
+    def _end_warning_scope(self) -> None:
+        scope, self._warning_scope = getattr(self, "_warning_scope", None), None
+        if scope is not None:
+            scope.__exit__(None, None, None)
 
     # -------------------------------------------------------------------------------------- checkpoints
     def _check_class_count(self, state_dict: Mapping[str, torch.Tensor], source: str) -> None:

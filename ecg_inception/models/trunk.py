@@ -240,12 +240,6 @@ class TrunkSplit:
                              f"{self.stages}: prefix + tail does not reproduce its forward; no trunk cache for it")
 
 
-def split_at_frozen(model: nn.Module, pooled: bool | None = None) -> TrunkSplit | None:
-    """A TrunkSplit at `frozen_boundary(model)`, or None when the first stage already trains."""
-    boundary = frozen_boundary(model)
-    return None if boundary is None else TrunkSplit(model, boundary, pooled=pooled)
-
-
 # ------------------------------------------------------------------------------------------------ planning
 CACHE_MODES = ("auto", "on", "off")
 #: Pre-drawn augmented views per training image when `trunk_cache: on` meets augmentation without a view count.
