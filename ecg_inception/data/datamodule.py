@@ -214,15 +214,7 @@ class EcgDataModule(L.LightningDataModule):
         interpolation: str | None = None,
     ) -> None:
         super().__init__()
-        defaults = protocol_defaults(protocol)
-        if resize not in RESIZE_MODES:
-            raise ValueError(f"unknown resize {resize!r}; expected one of {', '.join(RESIZE_MODES)}")
-        if augment_kind is not None and augment_kind not in AUGMENT_KINDS:
-            raise ValueError(
-                f"unknown augment_kind {augment_kind!r}; expected one of {', '.join(AUGMENT_KINDS)}"
-            )
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        defaults = protocol_defaults(protocol)  # an unknown protocol fails here
         self.root = None if root is None else str(root)
         self.protocol = protocol
         self.split_manifest = None if split_manifest is None else str(split_manifest)
@@ -235,13 +227,10 @@ class EcgDataModule(L.LightningDataModule):
         self.persistent_workers = (
             self.num_workers > 0 if persistent_workers is None else bool(persistent_workers)
         )
-        image_size = from_omegaconf(image_size)
-        if image_size is not None:
-            parse_image_size(image_size, minimum=MIN_IMAGE_SIZE)  # a bad size fails here, naming the value
-        self.model_name, self.image_size, self.resize = model_name, image_size, resize
+        self.model_name, self.image_size, self.resize = model_name, from_omegaconf(image_size), resize
         self.crop = defaults.crop if crop is None else bool(crop)
         self.augment = bool(augment)
-        self.augment_kind = augment_kind or ("paper" if protocol == "paper" else "ecg")
+        self.augment_kind = augment_kind if augment_kind is not None else ("paper" if protocol == "paper" else "ecg")
         self.drop_last = bool(drop_last)
         self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.decoded_cache = bool(decoded_cache)
@@ -251,18 +240,33 @@ class EcgDataModule(L.LightningDataModule):
         self.ink = bool(ink)
         # Normalisation given explicitly (a checkpoint's stored values) wins over the timm config's.
         self.normalisation = {
-            k: v for k, v in (("mean", from_omegaconf(mean)), ("std", from_omegaconf(std)), ("interpolation", interpolation))
+            k: v for k, v in (("mean", from_omegaconf(mean)), ("std", from_omegaconf(std)),
+                              ("interpolation", interpolation))
             if v is not None
-        }
-        for key in ("mean", "std"):
-            value = self.normalisation.get(key)
-            if value is not None and (len(value) != 3 or (key == "std" and min(value) <= 0)):
-                raise ValueError(f"{key} must be 3 numbers (std > 0), got {value}")
+        }  # fmt: skip
+        self._validate()
         self._root: Path | None = None
         self._manifest: Manifest | None = None
         self._config: DataConfig | None = None
         self._datasets: dict[str, EcgImageDataset] = {}
         self._corrupt_logged = 0  # corrupt decoded-cache entries already reported by `teardown`
+
+    def _validate(self) -> None:
+        """Refuse unknown modes, a batch size below 1, a bad image size or bad normalisation, naming the value."""
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"unknown resize {self.resize!r}; expected one of {', '.join(RESIZE_MODES)}")
+        if self.augment_kind not in AUGMENT_KINDS:
+            raise ValueError(
+                f"unknown augment_kind {self.augment_kind!r}; expected one of {', '.join(AUGMENT_KINDS)}"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.image_size is not None:
+            parse_image_size(self.image_size, minimum=MIN_IMAGE_SIZE)  # a bad size fails here, naming the value
+        for key in ("mean", "std"):
+            value = self.normalisation.get(key)
+            if value is not None and (len(value) != 3 or (key == "std" and min(value) <= 0)):
+                raise ValueError(f"{key} must be 3 numbers (std > 0), got {value}")
 
     # -- data preparation -------------------------------------------------------------------------
 
