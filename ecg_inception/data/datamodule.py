@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from ecg_inception.core.cpus import usable_cpus
 from ecg_inception.core.hashing import file_sha256
+from ecg_inception.core.moved import forward_moved
 from ecg_inception.core.plain import from_omegaconf
 from ecg_inception.data.cache import (
     CacheStats,
@@ -410,18 +411,6 @@ class EcgDataModule(L.LightningDataModule):
         )
 
 
-_MOVED = {"ensure_synthetic_dataset", "SYNTHETIC_VERSION", "SYNTHETIC_SCALE"}
-
-
-def __getattr__(name: str) -> Any:
-    """Deprecated names, moved to `ecg_inception.synthetic.default_set` (synthetic sits above data)."""
-    if name in _MOVED:
-        import importlib
-        import warnings
-
-        warnings.warn(
-            f"ecg_inception.data.datamodule.{name} moved to ecg_inception.synthetic.default_set.{name}",
-            DeprecationWarning, stacklevel=2,
-        )
-        return getattr(importlib.import_module("ecg_inception.synthetic.default_set"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+#: Moved to ecg_inception.synthetic.default_set (synthetic sits above data); forwarded with a warning.
+__getattr__ = forward_moved(__name__, "ecg_inception.synthetic.default_set",
+                            {"ensure_synthetic_dataset", "SYNTHETIC_VERSION", "SYNTHETIC_SCALE"})

@@ -3,18 +3,6 @@
 Every name is forwarded, with a DeprecationWarning, for one release.
 """
 
-from __future__ import annotations
+from ecg_inception.core.moved import forward_moved
 
-import importlib
-import warnings
-from typing import Any
-
-_TARGET = "ecg_inception.features.trunk_views"
-
-
-def __getattr__(name: str) -> Any:
-    if name.startswith("__"):
-        raise AttributeError(name)
-    warnings.warn(f"ecg_inception.models.trunk_views is deprecated; import {name} from {_TARGET}", DeprecationWarning,
-                  stacklevel=2)
-    return getattr(importlib.import_module(_TARGET), name)
+__getattr__ = forward_moved(__name__, "ecg_inception.features.trunk_views")
