@@ -85,6 +85,8 @@ def register_scheduler(factory: Callable[..., Any], name: str | None = None) -> 
         The name now accepted.
     """
     return _register(ALLOWED_SCHEDULERS, factory, name)
+
+
 def describe_callable(factory: Callable[..., Any]) -> dict[str, Any]:
     """A plain, re-buildable description of a factory (e.g. a Hydra `_partial_` object): name + keywords."""
     func, keywords, args = factory, {}, ()
