@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ecg_inception.data.datamodule import _plain, default_num_workers
+from ecg_inception.core.plain import from_omegaconf as _plain
+from ecg_inception.data.datamodule import default_num_workers
 from ecg_inception.data.pages import preprocess_page
 from ecg_inception.data.ptbxl import PtbxlData, fold_split, read_ptbxl
 from ecg_inception.data.ptbxl_labels import DEFAULT_MIN_LIKELIHOOD, label_names, multi_hot
