@@ -54,6 +54,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _save(fig: Any, path: str | Path) -> Path:
+    """Lay out, write and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def write_metrics(path: str | Path, metrics: Mapping[str, Any]) -> Path:
     """Write `metrics` as indented JSON; returns the path."""
     path = Path(path)
@@ -86,11 +97,7 @@ def plot_confusion_matrix(
     ax.set_ylabel("true")
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_curves(rows: Sequence[Mapping[str, float]], path: str | Path) -> Path | None:
@@ -114,11 +121,7 @@ def plot_curves(rows: Sequence[Mapping[str, float]], path: str | Path) -> Path |
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_reliability(calibration: Mapping[str, Any], path: str | Path, title: str = "") -> Path:
@@ -148,11 +151,7 @@ def plot_reliability(calibration: Mapping[str, Any], path: str | Path, title: st
     ax.legend(fontsize=8, loc="upper left")
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def write_report(

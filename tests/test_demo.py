@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -41,6 +42,7 @@ def test_demo_learns(tmp_path: Path) -> None:
     assert f"Report: {run_dir}/metrics.json" in proc.stdout
     printed = re.search(r"Test accuracy (\d\.\d{3}), macro-F1 (\d\.\d{3})", proc.stdout)
     assert printed, proc.stdout[-2000:]
+    assert "Try next: ecg-inception-predict " in proc.stdout, proc.stdout[-2000:]
     assert float(printed.group(1)) == pytest.approx(test["accuracy"], abs=5e-4)
     assert float(printed.group(2)) == pytest.approx(test["f1_macro"], abs=5e-4)
     assert test["accuracy"] >= MIN_TEST_ACCURACY, f"demo test accuracy {test['accuracy']:.3f}: did not learn"
@@ -58,12 +60,21 @@ def test_the_cli_prints_the_report_path_accuracy_and_macro_f1(
         "test": {"accuracy": 0.91666, "f1_macro": 0.9123},
         "logged": {"val/acc_best": 0.9},
     }
-    monkeypatch.setattr(cli, "train", lambda cfg: (metrics, {}))
+    page = tmp_path / "data" / "normal" / "a page.jpg"
+    manifest = SimpleNamespace(split_rows=lambda split: [SimpleNamespace(path="normal/a page.jpg")])
+    datamodule = SimpleNamespace(manifest=manifest, dataset_root=lambda: tmp_path / "data")
+    metrics["best_checkpoint"] = str(tmp_path / "checkpoints" / "epoch_001-acc_0.9000.ckpt")
+    monkeypatch.setattr(cli, "train", lambda cfg: (metrics, {"datamodule": datamodule}))
     monkeypatch.setattr(
-        sys, "argv", ["ecg-inception-train", f"hydra.run.dir={tmp_path}", "hydra/job_logging=disabled"]
+        sys, "argv",
+        # `none`, not `disabled`: Hydra's `disabled` sets disable_existing_loggers, which silenced the library's
+        # loggers for every later test in the session (caplog then saw nothing in test_run_status and
+        # test_trunk_cache).
+        ["ecg-inception-train", f"hydra.run.dir={tmp_path}", "hydra/job_logging=none", "hydra/hydra_logging=none"],
     )
     cli.main()
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-2] == f"Report: {tmp_path}/metrics.json"
+    assert lines[-3] == f"Report: {tmp_path}/metrics.json"
     expected = "Test accuracy 0.917, macro-F1 0.912" + (" (LEAKY: paper protocol)" if leaky else "")
-    assert lines[-1] == expected
+    assert lines[-2] == expected
+    assert lines[-1] == f"Try next: ecg-inception-predict {metrics['best_checkpoint']} '{page}'"

@@ -61,11 +61,12 @@ def test_eval_all_scores_the_whole_folder_and_counts_training_copies(trained, sy
     assert sum(result["counts"]["test"].values()) == len(files) == 32
     assert sum(result["counts"]["train"].values()) == sum(result["counts"]["val"].values()) == 0
     assert sum(map(sum, result["test"]["confusion_matrix"])) == len(files)
-    import csv
     import hashlib
 
-    with open(Path(cfg.paths.output_dir) / "splits.csv", newline="", encoding="utf-8") as fh:
-        train_hashes = {r["sha256"] for r in csv.DictReader(fh) if r["split"] == "train"}
+    from ecg_inception.data.split import Manifest
+
+    manifest = Manifest.read_csv(Path(cfg.paths.output_dir) / "splits.csv")
+    train_hashes = {r.sha256 for r in manifest.split_rows("train")}
     expected = sum(1 for p in files if hashlib.sha256(p.read_bytes()).hexdigest() in train_hashes)
     copies = result["training_copies"]
     assert copies["in_train"] == expected > 0 and copies["files"] == len(files)

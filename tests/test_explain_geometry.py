@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from ecg_inception.data.crop import CropBox, fallback_box
+from ecg_inception.data.crop import CropBox, detect_grid_box
 from ecg_inception.data.transforms import preprocess
 from ecg_inception.inference.cam import choose_target_layer
 from ecg_inception.inference.explain import explain_pages
@@ -98,7 +98,8 @@ def test_blob_peak_maps_back_inside_the_blob(one_thread: None, arch: str, size: 
     torch.manual_seed(0)
     model = _Classifier(_localise(timm.create_model(arch, pretrained=False, num_classes=2)))
     w, h = 1106, 786
-    box = fallback_box(w, h)  # a page without a grid: the crop is the fixed fractional box
+    # a page without a grid or a header: the crop falls back to the whole page (crop.fallback_for)
+    box = detect_grid_box(Image.new("RGB", (w, h), (255, 255, 255)))
     g = input_geometry((w, h), box, size, resize)
     tl = choose_target_layer(model, tuple(size), layer)
     # the blob sits on the cell second from the bottom-right corner, where a plain stretch of the map over the

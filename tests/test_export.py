@@ -10,6 +10,7 @@ import torch
 
 from ecg_inception.cli.export import main as export_main
 from ecg_inception.cli.predict import main as predict_main
+from ecg_inception.data.transforms import PREPROCESS_VERSION
 from ecg_inception.errors import ConfigValueError
 from ecg_inception.inference import Predictor, load_exported
 from ecg_inception.inference.export import read_sidecar, sidecar_path
@@ -56,7 +57,7 @@ def test_sidecar_holds_what_preprocessing_needs(tiny_run: dict, exported: dict) 
     assert side["labels"] == tiny_run["metrics"]["labels"] and side["format"] == "onnx"
     for key in ("size", "mean", "std", "interpolation", "resize", "crop", "ink"):
         assert side["preprocessing"][key] == prep[key], key
-    assert side["preprocessing"]["version"] == 1 and side["ecg_inception_version"]
+    assert side["preprocessing"]["version"] == PREPROCESS_VERSION and side["ecg_inception_version"]
     assert side["temperature"] == pytest.approx(tiny_run["objects"]["model"].temperature)
     assert side["parity_max_abs_diff"] < PARITY and side["input"]["shape"] == ["batch", 3, 75, 75]
 
