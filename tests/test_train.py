@@ -99,7 +99,7 @@ def test_resume_matches_an_uninterrupted_run(trained, synthetic_root: Path, tmp_
         f"+callbacks.every_epoch={{_target_:lightning.pytorch.callbacks.ModelCheckpoint,dirpath:{every},"
         "save_top_k:-1,every_n_epochs:1,mode:max}",
     ]
-    straight_metrics, straight_objs = train(compose_cfg("train", straight))
+    _, straight_objs = train(compose_cfg("train", straight))
     interrupted = _torch_load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
     at_epoch_1 = _torch_load(next(every.glob("epoch=1-*.ckpt")))
     _assert_tensors_equal(interrupted["state_dict"], at_epoch_1["state_dict"], "state_dict")
@@ -117,11 +117,12 @@ def test_resume_matches_an_uninterrupted_run(trained, synthetic_root: Path, tmp_
         assert before == pytest.approx(again)
     assert resumed["logged"]["val/acc_best"] == pytest.approx(max(row["val/acc"] for row in rows))
     # The resumed epoch itself (before, only the epochs restored from the checkpoint were compared): the same
-    # weights, optimiser state and test metrics as epoch 2 of the uninterrupted run.
+    # weights and optimiser state as epoch 2 of the uninterrupted run. Test metrics are not compared here: this run
+    # folder was copied elsewhere, and Lightning then reloads the best checkpoint's path but not its score, so the
+    # best epoch can differ (tests/test_resume.py resumes in place and compares them).
     final, straight_final = (_torch_load(p / "checkpoints" / "last.ckpt") for p in (tmp_path / "run", tmp_path / "straight"))
     _assert_tensors_equal(final["state_dict"], straight_final["state_dict"], "state_dict")
     _assert_tensors_equal(final["optimizer_states"], straight_final["optimizer_states"], "optimizer_states")
-    assert resumed["test"] == straight_metrics["test"]
 
 
 def test_evaluate_uses_checkpoint_preprocessing(trained, tmp_path: Path) -> None:
