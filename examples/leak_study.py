@@ -132,7 +132,8 @@ def train_one(args: argparse.Namespace, protocol: str, seed: int, run_dir: Path)
         except BlockingIOError:
             return "running elsewhere"
         if is_finished(run_dir):
-            stored = json.loads((run_dir / STUDY_FILE).read_text(encoding="utf-8"))["overrides"]
+            study_file = run_dir / STUDY_FILE
+            stored = json.loads(study_file.read_text(encoding="utf-8"))["overrides"] if study_file.is_file() else None
             if stored != overrides:
                 raise SystemExit(f"{run_dir} was trained with other overrides:\n  {stored}\nnot\n  {overrides}\n"
                                  "use another --out for another recipe")
@@ -225,13 +226,15 @@ def plot(summary: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    rows = [(p, s, n.replace(", ", "\n")) for p, s, n in ROWS if p in summary]
+    ticks = {"paper (LEAKY), own test": "paper (LEAKY)\nown test", "leak-free": "leak-free",
+             "paper, test images without a train copy": "paper, test images\nwithout a train copy"}
+    rows = [(p, s, ticks[n]) for p, s, n in ROWS if p in summary]
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4.2 * len(METRICS), 3.8), dpi=100)
     for ax, m in zip(axes, METRICS, strict=True):
         for x, (protocol, subset, _) in enumerate(rows):
             sub = summary[protocol]["subsets"][subset]
             seeds = [v[m] for v in sub["per_seed"].values() if v[m] is not None]
-            offsets = np.linspace(-0.15, 0.15, len(seeds)) if len(seeds) > 1 else [0.0]
+            offsets = np.linspace(-0.15, 0.15, len(seeds)) if len(seeds) > 1 else [0.0] * len(seeds)
             ax.scatter([x + o for o in offsets], seeds, s=18, color="grey", zorder=3,
                        label="one seed" if x == 0 else None)
             pooled = sub["pooled"][m]
