@@ -41,12 +41,9 @@ from _common import (  # noqa: E402
 
 
 def compose_cfg(overrides: list[str]):
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+    from ecg_inception.core.compose import compose_config
 
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="ecg_inception.conf", version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose_config("train", overrides)
 
 
 def base_overrides(args: argparse.Namespace, root: Path, work: Path) -> list[str]:

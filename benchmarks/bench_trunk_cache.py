@@ -33,10 +33,10 @@ from _common import (
     start_cpu_benchmark,
 )
 
+from ecg_inception.features.trunk_cache import TrunkCacheStore, build_entry
+from ecg_inception.features.trunk_views import ViewDataset
 from ecg_inception.models.freezing import apply_unfreeze, set_frozen_bn_eval
 from ecg_inception.models.trunk import HEAD, TrunkSplit, frozen_boundary
-from ecg_inception.models.trunk_cache import TrunkCacheStore, build_entry
-from ecg_inception.models.trunk_views import ViewDataset
 
 BOUNDARIES = {"Mixed_6e": 3, "Mixed_7b": 1, HEAD: 0}
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+
+from ecg_inception.core.plain import json_ready
 
 METRICS_FILE = "metrics.json"
 CONFUSION_FILE = "confusion_matrix.png"
@@ -41,19 +42,6 @@ class MetricsHistory(pl.Callback):
             self.rows = list(state_dict.get("rows", []))
 
 
-def _plain(value: Any) -> Any:
-    """Make a value JSON-ready; NaN and inf become None so the file stays valid JSON."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _plain(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _save(fig: Any, path: str | Path) -> Path:
     """Lay out, write and close a matplotlib figure; returns the path."""
     import matplotlib.pyplot as plt
@@ -69,7 +57,7 @@ def write_metrics(path: str | Path, metrics: Mapping[str, Any]) -> Path:
     """Write `metrics` as indented JSON; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_plain(metrics), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(json_ready(metrics), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return path
 
 

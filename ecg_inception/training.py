@@ -30,11 +30,11 @@ from ecg_inception.data.settings import check_run_data
 from ecg_inception.data.whole_folder import check_folder, training_copies, write_whole_folder_manifest
 from ecg_inception.distributed import is_rank_zero
 from ecg_inception.errors import ConfigValueError, DatasetError, TrainingDivergedError
+from ecg_inception.features.trunk_cache import TrunkCachedDataModule, use_trunk_cache
 from ecg_inception.models.backbone import check_pretrained_available
 from ecg_inception.models.calibration import calibration_report, fit_temperature
 from ecg_inception.models.checkpoint import load_checkpoint
 from ecg_inception.models.module import EcgClassifier
-from ecg_inception.models.trunk_cache import TrunkCachedDataModule, maybe_use_trunk_cache
 from ecg_inception.report import MetricsHistory, write_report
 from ecg_inception.run_setup import (
     check_train_config,
@@ -279,8 +279,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         class_weights=datamodule.class_weights,
         preprocessing=datamodule.preprocessing,
     )
-    # Frozen trunk: train the tail on cached activations when model.trunk_cache (auto|on|off) allows it.
-    loaders = maybe_use_trunk_cache(cfg, model, datamodule)
+    # Frozen trunk: train the tail on cached activations when model.trunk_cache (auto|on|off) allows it; the
+    # decision reads the model's own (plain) hyper-parameters, not the config.
+    hp = model.hparams
+    loaders = use_trunk_cache(model, datamodule, hp.get("trunk_cache", "auto"), hp.get("trunk_cache_views"),
+                              hp.get("trunk_cache_verify"))
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     history = MetricsHistory()
     callbacks += [history, FiniteLoss()]

@@ -2,8 +2,8 @@
 
 What it shows:
 
-- composing the shipped config (`ecg_inception.conf`) with `initialize_config_module` + `compose`, the same
-  way the console scripts do, and overriding keys as a list of strings;
+- composing the shipped config (`ecg_inception.conf`) with `initialize_config_module` + `compose` (wrapped by
+  `ecg_inception.core.compose.compose_config`), the same way the console scripts do, and overriding keys as a list of strings;
 - `paths.output_dir` must be set by hand under the compose API (its default, `${hydra:runtime.output_dir}`,
   only resolves inside a running Hydra app);
 - `data.root=null`: a synthetic printout set is generated on first use into `paths.cache_dir`;
@@ -30,10 +30,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
+from ecg_inception.core.compose import compose_config as compose_shipped
 from ecg_inception.training import train
 
 
@@ -58,9 +57,9 @@ def compose_config(workdir: Path, epochs: int, per_class: int, seed: int):
         "+trainer.enable_model_summary=false",
         "plots=true",
     ]
-    GlobalHydra.instance().clear()  # compose can be called again in the same process
-    with initialize_config_module(config_module="ecg_inception.conf", version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    # initialize_config_module(config_module="ecg_inception.conf") + compose, after clearing Hydra's global state
+    # so that it can be called again in the same process.
+    return compose_shipped("train", overrides)
 
 
 def main() -> None:

@@ -50,13 +50,10 @@ def tiny_overrides(root: Path, tmp: Path, out: str = "run") -> list[str]:
 
 
 def compose_cfg(name: str, overrides: list[str]):
-    """Compose a shipped config (train or eval) with the compose API."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
+    """Compose a shipped config (train or eval) with the compose API (`ecg_inception.core.compose`)."""
+    from ecg_inception.core.compose import compose_config
 
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="ecg_inception.conf", version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
+    return compose_config(name, overrides)
 
 
 @pytest.fixture(scope="session")

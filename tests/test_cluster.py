@@ -8,18 +8,16 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from test_sweep_summary import run_cli, tiny_sweep_args
+
+from ecg_inception.core.compose import compose_config
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the `cluster` extra")
 
 
 def _compose(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="ecg_inception.conf", version_base="1.3"):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    return compose_config("train", overrides, return_hydra_config=True)
 
 
 def _sbatch_script(cfg) -> str:

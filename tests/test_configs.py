@@ -5,11 +5,10 @@ from __future__ import annotations
 from importlib.resources import files
 
 import pytest
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from ecg_inception.core.compose import compose_config
 from ecg_inception.training import instantiate_callbacks
 
 CONF = files("ecg_inception.conf")
@@ -21,9 +20,7 @@ UNFREEZE = sorted(
 
 
 def _compose(config_name: str = "train", overrides: list[str] | None = None, hydra_cfg: bool = False):
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="ecg_inception.conf", version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides or [], return_hydra_config=hydra_cfg)
+    return compose_config(config_name, overrides or [], return_hydra_config=hydra_cfg)
 
 
 def test_shipped_groups_are_found() -> None:
@@ -126,3 +123,19 @@ def test_data_and_model_instantiate_alone(tmp_path) -> None:
     assert isinstance(model, EcgClassifier)
     # Hyperparameters stay plain values (checkpoints load with weights_only=True).
     assert "optimizer" not in model.hparams or not callable(model.hparams["optimizer"])
+
+
+@pytest.mark.parametrize("debug", ["default", "limit", "overfit", "profiler"])
+def test_debug_configs_compose_and_extend_the_default(debug: str) -> None:
+    cfg = _compose(overrides=[f"debug={debug}", "experiment=demo"])
+    assert cfg.task_name == "debug" and cfg.trainer.accelerator == "cpu" and cfg.trainer.detect_anomaly is True
+    assert cfg.data.num_workers == 0 and not cfg.get("callbacks")  # applied after the experiment
+    expected = {"default": {"max_epochs": 1}, "limit": {"max_epochs": 3, "limit_train_batches": 3},
+                "overfit": {"max_epochs": 20, "overfit_batches": 3}, "profiler": {"max_epochs": 1, "profiler": "simple"}}
+    assert {k: cfg.trainer.get(k) for k in expected[debug]} == expected[debug]
+    assert instantiate_callbacks(cfg.get("callbacks")) == []
+
+
+def test_without_debug_or_local_nothing_changes() -> None:
+    cfg = _compose()
+    assert cfg.task_name == "train" and "detect_anomaly" not in cfg.trainer

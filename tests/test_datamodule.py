@@ -14,7 +14,8 @@ from ecg_inception.data.labels import CANONICAL_LABELS, MENDELEY_FOLDERS
 from ecg_inception.data.scale import CANONICAL_PX_PER_MM
 from ecg_inception.data.split import Manifest
 from ecg_inception.data.transforms import PREPROCESS_VERSION, resolve_data_config
-from ecg_inception.errors import ManifestError
+from ecg_inception.errors import DatasetError, ManifestError
+from ecg_inception.synthetic.default_set import ensure_synthetic_dataset
 
 SIZE = 75  # the smallest input inception_v3 accepts; keeps decoding and resizing cheap
 
@@ -184,7 +185,7 @@ def test_manifest_from_another_folder_fails_at_setup(fitted: EcgDataModule, tmp_
 def test_root_none_generates_synthetic_once(tmp_path: Path, monkeypatch) -> None:
     dm = EcgDataModule(
         synthetic_per_class=2, image_size=SIZE, batch_size=2, num_workers=0, cache_dir=str(tmp_path),
-        augment=False, fractions=(0.5, 0.25, 0.25),
+        augment=False, fractions=(0.5, 0.25, 0.25), make_default_root=ensure_synthetic_dataset,
     )  # fmt: skip
     dm.prepare_data()
     root = dm.dataset_root()
@@ -196,13 +197,36 @@ def test_root_none_generates_synthetic_once(tmp_path: Path, monkeypatch) -> None
         raise AssertionError("the synthetic set must be generated once and reused")
 
     monkeypatch.setattr("ecg_inception.synthetic.generate.generate_dataset", no_generation)
-    again = EcgDataModule(synthetic_per_class=2, image_size=SIZE, num_workers=0, cache_dir=str(tmp_path))
+    again = EcgDataModule(synthetic_per_class=2, image_size=SIZE, num_workers=0, cache_dir=str(tmp_path),
+                          make_default_root=ensure_synthetic_dataset)
     again.prepare_data()
     assert again.dataset_root() == root
     dm.setup("fit")
     assert dm.num_classes == 4 and (tmp_path / "decoded").is_dir() is False  # nothing loaded yet
     next(iter(dm.val_dataloader()))
     assert (tmp_path / "decoded").is_dir()
+
+
+def test_root_none_needs_a_default_root_maker(tmp_path: Path) -> None:
+    """The data room does not import synthetic: without `make_default_root` a missing root is an error."""
+    with pytest.raises(DatasetError, match="make_default_root"):
+        EcgDataModule(cache_dir=str(tmp_path), num_workers=0).dataset_root()
+
+
+def test_shipped_config_makes_the_synthetic_default(tmp_path: Path) -> None:
+    from hydra.utils import instantiate
+
+    from ecg_inception.core.compose import compose_config
+
+    dm = instantiate(compose_config("train", ["data.synthetic_per_class=1"]).data, cache_dir=str(tmp_path))
+    assert dm.make_default_root.func is ensure_synthetic_dataset
+
+
+def test_old_synthetic_names_warn_and_forward() -> None:
+    import ecg_inception.data.datamodule as datamodule
+
+    with pytest.warns(DeprecationWarning, match="synthetic.default_set"):
+        assert datamodule.ensure_synthetic_dataset is ensure_synthetic_dataset
 
 
 def test_non_square_image_size_reaches_batches_cache_and_preprocessing(fitted: EcgDataModule) -> None:

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
+
+from ecg_inception.core.compose import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "configuration.md"
@@ -30,9 +30,7 @@ _MISSING = object()
 
 def _compose(config_name: str = "train", overrides: list[str] | None = None) -> dict[str, Any]:
     """The composed config as plain containers, interpolations unresolved (`${...}` strings stay strings)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="ecg_inception.conf", version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides or [], return_hydra_config=True)
+    cfg = compose_config(config_name, overrides or [], return_hydra_config=True)
     choices = dict(cfg.hydra.runtime.choices)
     plain = OmegaConf.to_container(cfg, resolve=False)
     plain.pop("hydra")

@@ -190,3 +190,33 @@ def test_no_warning_when_everything_trains() -> None:
         warnings.simplefilter("error", UserWarning)
         model.on_fit_start()
     assert not model.freeze_plan.trunk_frozen
+
+
+def test_gradual_unfreeze_adds_by_identity_where_lightnings_helper_drops_by_value() -> None:
+    """Why GradualUnfreeze keeps its own param-group step: BaseFinetuning.filter_on_optimizer compares values.
+
+    On a random network many BatchNorm biases are equal (zeros), so Lightning's helper would skip parameters of the
+    newly unfrozen block that are not in the optimizer at all; GradualUnfreeze adds every one of them, once, at the
+    initial lr x lr_factor, and puts the block's BatchNorm layers in training mode.
+    """
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    from ecg_inception.models.module import EcgClassifier
+
+    model = EcgClassifier(pretrained=False, aux_logits=False, unfreeze={"blocks": 1})
+    model.backbone.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = 0.2  # a scheduler has already moved the current lr away from the initial one
+    block = model.backbone.Mixed_7b
+    fresh = [p for p in block.parameters() if not p.requires_grad]
+    assert fresh
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "params ... already exist within another group"
+        kept_by_lightning = BaseFinetuning.filter_on_optimizer(optimizer, fresh)
+    assert len(kept_by_lightning) < len(fresh)
+    GradualUnfreeze({1: 2}, lr_factor=0.5).finetune_function(model, 1, optimizer)
+    added = optimizer.param_groups[-1]
+    assert len(optimizer.param_groups) == 2 and {id(p) for p in added["params"]} == {id(p) for p in fresh}
+    assert added["lr"] == added["initial_lr"] == pytest.approx(0.1)  # 0.2 x 0.5, not the current 0.1 / 10
+    assert all(m.training for m in block.modules() if isinstance(m, _BatchNorm))

@@ -226,3 +226,18 @@ def test_auroc_matches_sklearn() -> None:
     present = [roc_auc_score((target[keep] == c).numpy(), probs[keep][:, c].numpy()) for c in range(3)]
     absent = report_from_predictions(probs[keep], target[keep], LABELS)
     assert absent["auroc_macro"] == pytest.approx(sum(present) / 3, abs=1e-6)
+
+
+def test_the_eval_mode_warning_filter_is_scoped_to_the_fit_start() -> None:
+    """on_fit_start silences Lightning's eval-mode warning for frozen BatchNorm only until on_train_start."""
+    model = EcgClassifier(pretrained=False, aux_logits=False, unfreeze={"blocks": 1})
+    model._weights_from_checkpoint = True  # no frozen-random-trunk warning: only the scoped filter is looked at
+    before = list(warnings.filters)
+    model.on_fit_start()
+    assert len(warnings.filters) == len(before) + 1
+    assert "in eval mode at the start" in warnings.filters[0][1].pattern
+    model.on_train_start()
+    assert warnings.filters == before
+    model.on_fit_start()
+    model.teardown("fit")  # a fit that failed before on_train_start
+    assert warnings.filters == before

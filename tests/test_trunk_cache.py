@@ -28,16 +28,17 @@ from ecg_inception.data.datamodule import EcgDataModule
 from ecg_inception.data.labels import label_for_folder, order_labels
 from ecg_inception.data.split import Manifest, ManifestRow
 from ecg_inception.errors import ManifestError
-from ecg_inception.models import trunk_cache
-from ecg_inception.models.freezing import apply_unfreeze
-from ecg_inception.models.module import EcgClassifier
-from ecg_inception.models.trunk import HEAD, POOLED, TrunkSplit
-from ecg_inception.models.trunk_cache import (
+from ecg_inception.features import trunk_cache
+from ecg_inception.features.trunk_cache import (
     CachedFeatureDataset,
     TrunkCachedDataModule,
     maybe_use_trunk_cache,
+    use_trunk_cache,
 )
-from ecg_inception.models.trunk_views import PredrawnViewsDataModule, mirror_loader
+from ecg_inception.features.trunk_views import PredrawnViewsDataModule, mirror_loader
+from ecg_inception.models.freezing import apply_unfreeze
+from ecg_inception.models.module import EcgClassifier
+from ecg_inception.models.trunk import HEAD, POOLED, TrunkSplit
 
 SIZE = 75  # the smallest input inception_v3 takes with aux logits off
 FP16 = dict(rtol=2e-3, atol=2e-3)
@@ -226,7 +227,7 @@ JOB = textwrap.dedent("""
     import json, sys, time, timm, torch
     from pathlib import Path
     from ecg_inception.data.datamodule import EcgDataModule
-    from ecg_inception.models import trunk_cache
+    from ecg_inception.features import trunk_cache
     from ecg_inception.models.freezing import apply_unfreeze
     from ecg_inception.models.trunk import HEAD, TrunkSplit
     root, manifest, cache, store, barrier = sys.argv[1:6]
@@ -284,7 +285,7 @@ def fit_and_test(
         model.backbone.load_state_dict(state)
         if round_fp16_at:
             getattr(model.backbone, round_fp16_at).register_forward_hook(lambda m, i, out: out.half().float())
-        data = maybe_use_trunk_cache(cfg, model, loaders, tmp_path / "trunk", dtype) if cfg else loaders
+        data = use_trunk_cache(model, loaders, **cfg, cache_dir=tmp_path / "trunk", dtype=dtype) if cfg else loaders
         trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu",
                              default_root_dir=tmp_path)
@@ -304,7 +305,7 @@ def test_cached_training_matches_uncached(dm: EcgDataModule, net: torch.nn.Modul
     # conv rounding differs with batch size; float32: 1.6e-4 of the loss measured on the leak-free fixed split
     for dtype, tol in (("float32", 3e-4), ("float16", 1e-3)):
         reference = plain[dtype]
-        cached, model, data = fit_and_test(state, dm, {"model": {"trunk_cache": "auto"}}, tmp_path, dtype)
+        cached, model, data = fit_and_test(state, dm, {"mode": "auto"}, tmp_path, dtype)
         assert isinstance(data, TrunkCachedDataModule) and model.trunk_split.boundary == "Mixed_7b"
         summary = data.summary()
         assert summary["built"] == {"train": True, "val": True, "test": True} and summary["stored"]["train"] == dtype
@@ -327,11 +328,10 @@ def test_views_with_augmentation_and_rng_untouched(
     model.backbone.load_state_dict(net.state_dict())
     model.eval()
     with caplog.at_level(logging.INFO):
-        assert maybe_use_trunk_cache({"model": {"trunk_cache": "auto"}}, model, aug) is aug
+        assert use_trunk_cache(model, aug, "auto") is aug
     assert "trunk_cache_views is not set" in caplog.text
     with caplog.at_level(logging.WARNING):
-        wrapper = maybe_use_trunk_cache({"model": {"trunk_cache": "on", "trunk_cache_views": 2}}, model, aug,
-                                        cache_dir=tmp_path)
+        wrapper = use_trunk_cache(model, aug, "on", views=2, cache_dir=tmp_path)
     assert "2 PRE-DRAWN AUGMENTED VIEWS" in caplog.text
     states = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
     cached = wrapper.train_dataloader()  # builds 16 images x 2 views
@@ -375,7 +375,7 @@ def _corrupt_keeping_stamp(file: Path) -> None:
 LOAD_JOB = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from ecg_inception.models.trunk_cache import TrunkCacheStore
+    from ecg_inception.features.trunk_cache import TrunkCacheStore
     store, entry, key = sys.argv[1:4]
     print("hit" if TrunkCacheStore(store).load(Path(entry), key) is not None else "miss")
 """)
@@ -399,15 +399,29 @@ def test_stamp_restored_corruption_is_caught_by_a_new_process_and_by_full(
         trunk_cache.TrunkCacheStore(tmp_path, verify="sometimes")
 
 
-def test_trunk_cache_verify_reaches_the_store_from_the_config(dm: EcgDataModule) -> None:
+def test_trunk_cache_verify_reaches_the_store(dm: EcgDataModule) -> None:
     model = EcgClassifier(pretrained=False, aux_logits=False, unfreeze={"blocks": 0}, trunk_cache="on",
                           trunk_cache_verify="full")  # fmt: skip
     assert model.hparams.trunk_cache_verify == "full"
-    wrapped = maybe_use_trunk_cache({"model": {"trunk_cache": "on", "trunk_cache_verify": "full"}}, model, dm)
+    wrapped = use_trunk_cache(model, dm, "on", verify="full")
     assert isinstance(wrapped, TrunkCachedDataModule) and wrapped.store.verify == "full"
-    # Without the config key the model's hyper-parameter decides (e.g. a checkpoint's); the default is stat.
-    assert maybe_use_trunk_cache({"model": {"trunk_cache": "on"}}, model, dm).store.verify == "full"
+    # Without a value the model's hyper-parameter decides (e.g. a checkpoint's); the default is stat.
+    assert use_trunk_cache(model, dm, "on").store.verify == "full"
     default = EcgClassifier(pretrained=False, aux_logits=False, unfreeze={"blocks": 0}, trunk_cache="on")
-    assert maybe_use_trunk_cache({"model": {"trunk_cache": "on"}}, default, dm).store.verify == "stat"
+    assert use_trunk_cache(default, dm, "on").store.verify == "stat"
+    # The deprecated config-reading form still works, and warns.
+    with pytest.warns(DeprecationWarning, match="use_trunk_cache"):
+        assert maybe_use_trunk_cache({"model": {"trunk_cache": "on", "trunk_cache_verify": "full"}}, default,
+                                     dm).store.verify == "full"
     with pytest.raises(ValueError, match="trunk_cache_verify"):
         EcgClassifier(pretrained=False, aux_logits=False, trunk_cache_verify="never")
+
+
+@pytest.mark.parametrize("old", ["trunk_cache", "trunk_views"])
+def test_old_import_paths_warn_and_forward(old: str) -> None:
+    import importlib
+
+    shim, new = importlib.import_module(f"ecg_inception.models.{old}"), importlib.import_module(f"ecg_inception.features.{old}")
+    name = "TrunkCachedDataModule" if old == "trunk_cache" else "DelegatingDataModule"
+    with pytest.warns(DeprecationWarning, match=f"ecg_inception.features.{old}"):
+        assert getattr(shim, name) is getattr(new, name)

@@ -4,5 +4,6 @@
 - `hashing`: sha256 of bytes and of files;
 - `sizes`: `image_size` values <-> (height, width);
 - `cpus`: usable CPUs and a scoped torch thread count;
-- `compose`: compose a shipped Hydra config (tests, benchmarks, examples).
+- `compose`: compose a shipped Hydra config (tests, benchmarks, examples);
+- `moved`: the deprecation shims of moved modules and names.
 """

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ecg_inception.core.cpus import usable_cpus
 from ecg_inception.data.crop import CropBox, detect_grid_box
 from ecg_inception.data.duplicates import (
     NEAR_DUPLICATE_THRESHOLD,
@@ -297,11 +298,7 @@ def default_workers(n_tasks: int) -> int:
     # A daemonic process (e.g. a DataLoader worker) cannot start children.
     if n_tasks < PARALLEL_MIN_IMAGES or multiprocessing.current_process().daemon:
         return 1
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, MAX_WORKERS, n_tasks // 16))
+    return max(1, min(usable_cpus(), MAX_WORKERS, n_tasks // 16))
 
 
 def audit_folder(

@@ -27,8 +27,9 @@ import PIL
 import torch
 from torch.utils.data import get_worker_info
 
+from ecg_inception.core.hashing import file_sha256  # noqa: F401 - re-exported (tests, trunk cache)
+from ecg_inception.core.sizes import parse_image_size, size_value
 from ecg_inception.data.crop import CropBox
-from ecg_inception.data.transforms import parse_image_size, size_value
 
 CACHE_VERSION = 3  # bump when preprocessing changes in a way the settings do not show (2: EXIF orientation; 3: physical scale, ink by colour)
 _MAGIC = b"ECGU8\x00"
@@ -70,28 +71,6 @@ class PreprocessSettings:
             del fields["ink"]
         fields.update(version=CACHE_VERSION, pillow=PIL.__version__)
         return json.dumps(fields, sort_keys=True)
-
-
-_SHA_MEMO: dict[tuple[str, int, int, int], str] = {}
-_SHA_LOCK = threading.Lock()
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, memoised per process by (path, inode, size, mtime_ns)."""
-    path = str(path)
-    st = os.stat(path)
-    memo_key = (path, st.st_ino, st.st_size, st.st_mtime_ns)
-    with _SHA_LOCK:
-        if memo_key in _SHA_MEMO:
-            return _SHA_MEMO[memo_key]
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    value = digest.hexdigest()
-    with _SHA_LOCK:
-        _SHA_MEMO[memo_key] = value
-    return value
 
 
 @dataclass(frozen=True)
@@ -200,12 +179,6 @@ class DecodedCache:
     def reset_stats(self) -> None:
         """Zero the counters (for example between epochs)."""
         self._counts.zero_()
-
-    def clear_memory(self) -> None:
-        """Drop this process's memory layer (the disk entries stay)."""
-        with self._lock:
-            self._memory.clear()
-            self._memory_used = 0
 
     def _count(self, hits: int = 0, misses: int = 0, memory_hits: int = 0, corrupt: int = 0) -> None:
         info = get_worker_info()

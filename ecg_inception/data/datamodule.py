@@ -9,34 +9,32 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader
 
+from ecg_inception.core.cpus import usable_cpus
+from ecg_inception.core.hashing import file_sha256
+from ecg_inception.core.moved import forward_moved
+from ecg_inception.core.plain import from_omegaconf
 from ecg_inception.data.cache import (
     CacheStats,
     DecodedCache,
-    PreprocessSettings,
     default_cache_dir,
     distributed_rank,
     distributed_world_size,
-    file_sha256,
     log_rebuilt,
     warm_decoded_cache,
 )
-from ecg_inception.data.pages import preprocess_with
+from ecg_inception.data.dataset import EcgImageDataset
 from ecg_inception.data.scale import CANONICAL_PX_PER_MM
 from ecg_inception.data.split import (
     SPLITS,
     Manifest,
-    ManifestRow,
     check_fractions,
     make_split,
     protocol_defaults,
@@ -47,7 +45,6 @@ from ecg_inception.data.transforms import (
     PREPROCESS_VERSION,
     RESIZE_MODES,
     DataConfig,
-    Normalize,
     build_train_augment,
     parse_image_size,
     resolve_data_config,
@@ -57,127 +54,9 @@ from ecg_inception.errors import DatasetError, ManifestError
 
 log = logging.getLogger(__name__)
 
-SYNTHETIC_VERSION = 1  # part of the synthetic folder name; bump when the generated set should change
-SYNTHETIC_SCALE = 0.5  # half the original page size, like the dev subset
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers -> plain Python values; anything else unchanged."""
-    try:
-        from omegaconf import OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        return value
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
-
 def default_num_workers() -> int:
     """DataLoader workers when none are given: min(4, usable CPUs - 1), at least 0."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        cpus = os.cpu_count() or 1
-    return max(0, min(4, cpus - 1))
-
-
-def ensure_synthetic_dataset(base: str | Path, per_class: int, seed: int) -> Path:
-    """Generate the synthetic default set under `base` once and reuse it; safe for concurrent jobs.
-
-    Each caller generates into a private temporary folder and renames it into place; the first rename
-    wins and the others discard their copy, so nobody ever reads a half-written set.
-    """
-    from ecg_inception.synthetic.generate import generate_dataset
-
-    duplicates = max(1, per_class // 10)
-    name = f"v{SYNTHETIC_VERSION}-per{per_class}-dup{duplicates}-scale{SYNTHETIC_SCALE}-seed{seed}"
-    final = Path(base) / name
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        log.info("generating the synthetic dataset into %s", final)
-        generate_dataset(tmp, per_class=per_class, seed=seed, duplicates=duplicates, scale=SYNTHETIC_SCALE)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-class EcgImageDataset(Dataset):
-    """The files of one split -> (normalised float tensor [3, H, W], class index)."""
-
-    def __init__(
-        self,
-        root: str | Path,
-        rows: Sequence[ManifestRow],
-        labels: Sequence[str],
-        config: DataConfig,
-        resize: str = "squash",
-        crop: bool = True,
-        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        cache: DecodedCache | None = None,
-        ink: bool = False,
-    ) -> None:
-        self.root = Path(root)
-        self.rows = list(rows)
-        self.index = {label: i for i, label in enumerate(labels)}
-        self.settings: list[PreprocessSettings] = []
-        for r in self.rows:
-            if r.label not in self.index:
-                raise ManifestError(f"{r.path}: label {r.label!r} is not one of {list(labels)}")
-            if crop and r.box is None:
-                raise ManifestError(f"{r.path}: crop is on but the manifest has no crop box for this file")
-            box = r.box if crop else None
-            settings = PreprocessSettings(config.size, resize, config.interpolation, crop, box, bool(ink))
-            self.settings.append(settings)
-        self.augment = augment
-        self.cache = cache
-        self.normalize = Normalize(config.mean, config.std)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def targets(self) -> list[int]:
-        """Class index of every item, in order."""
-        return [self.index[r.label] for r in self.rows]
-
-    def load_uint8(self, i: int) -> torch.Tensor:
-        """Preprocessed (cropped, resized), not augmented uint8 [3, H, W] image of item `i`."""
-        from ecg_inception.data.scan import open_rgb
-
-        row, settings = self.rows[i], self.settings[i]
-        path = self.root / row.path
-        if row.sha256 and file_sha256(path) != row.sha256:
-            raise ManifestError(
-                f"{path}: file content differs from the manifest's sha256; re-split the folder"
-            )
-
-        def build() -> torch.Tensor:
-            return preprocess_with(open_rgb(path), settings)
-
-        return self.cache.get(path, settings, build) if self.cache is not None else build()
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        threads = torch.get_num_threads()
-        if threads == 1 or get_worker_info() is not None:
-            return self._item(i)
-        # In the main process (num_workers=0) run on one intra-op thread, as DataLoader workers do: the
-        # small per-image ops gain nothing from the pool and, on a busy machine, lose 10-50x to it.
-        torch.set_num_threads(1)
-        try:
-            return self._item(i)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _item(self, i: int) -> tuple[torch.Tensor, int]:
-        img = self.load_uint8(i)
-        if self.augment is not None:
-            img = self.augment(img)
-        return self.normalize(img), self.index[self.rows[i].label]
+    return max(0, min(4, usable_cpus() - 1))
 
 
 class EcgDataModule(L.LightningDataModule):
@@ -187,7 +66,7 @@ class EcgDataModule(L.LightningDataModule):
     map to ink, resize, augment (train only) and normalise as docs/protocols.md describes.
 
     Args:
-        root: the image folder, one sub-folder per class; None: a synthetic set generated on first use.
+        root: the image folder, one sub-folder per class; None: the folder `make_default_root` makes.
         protocol: `leakfree` or `paper` (leaky); also picks the defaults of balance, stage and crop.
         split_manifest: a `splits.csv` to reuse exactly, without auditing or splitting.
         seed: the split seed, the synthetic set's seed and the loaders' shuffle seed.
@@ -211,6 +90,8 @@ class EcgDataModule(L.LightningDataModule):
         decoded_cache: keep preprocessed images on disk and in memory between epochs and runs.
         manifest_out: also write the manifest (and its `.excluded.csv` sidecar) here.
         synthetic_per_class: printouts per class of the synthetic default set (root None).
+        make_default_root: with root None, `make_default_root(cache_dir / "synthetic", synthetic_per_class, seed)`
+            gives the folder (the shipped config passes `synthetic.default_set.ensure_synthetic_dataset`).
         ink: remove the pink grid and thicken the trace before resizing (`transforms.ink_image`).
         mean: normalisation mean per channel; None: the timm config of `model_name`.
         std: normalisation std per channel; None: the timm config of `model_name`.
@@ -219,7 +100,7 @@ class EcgDataModule(L.LightningDataModule):
     Raises:
         ValueError: an unknown protocol, resize or augment_kind, a batch size below 1, bad fractions or a bad
             image size (named in the message).
-        DatasetError: `root` does not exist or is unusable (at `setup`).
+        DatasetError: `root` does not exist or is unusable, or is None without `make_default_root` (at `setup`).
         ManifestError: `split_manifest` does not fit the data (at `setup`).
     """
 
@@ -247,26 +128,19 @@ class EcgDataModule(L.LightningDataModule):
         decoded_cache: bool = True,
         manifest_out: str | None = None,
         synthetic_per_class: int = 40,
+        make_default_root: Callable[[Path, int, int], Path] | None = None,
         ink: bool = False,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         interpolation: str | None = None,
     ) -> None:
         super().__init__()
-        defaults = protocol_defaults(protocol)
-        if resize not in RESIZE_MODES:
-            raise ValueError(f"unknown resize {resize!r}; expected one of {', '.join(RESIZE_MODES)}")
-        if augment_kind is not None and augment_kind not in AUGMENT_KINDS:
-            raise ValueError(
-                f"unknown augment_kind {augment_kind!r}; expected one of {', '.join(AUGMENT_KINDS)}"
-            )
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        defaults = protocol_defaults(protocol)  # an unknown protocol fails here
         self.root = None if root is None else str(root)
         self.protocol = protocol
         self.split_manifest = None if split_manifest is None else str(split_manifest)
         self.seed = int(seed)
-        self.fractions = check_fractions(_plain(fractions))
+        self.fractions = check_fractions(from_omegaconf(fractions))
         self.balance, self.balance_stage = balance, balance_stage
         self.batch_size = int(batch_size)
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
@@ -274,43 +148,61 @@ class EcgDataModule(L.LightningDataModule):
         self.persistent_workers = (
             self.num_workers > 0 if persistent_workers is None else bool(persistent_workers)
         )
-        image_size = _plain(image_size)
-        if image_size is not None:
-            parse_image_size(image_size, minimum=MIN_IMAGE_SIZE)  # a bad size fails here, naming the value
-        self.model_name, self.image_size, self.resize = model_name, image_size, resize
+        self.model_name, self.image_size, self.resize = model_name, from_omegaconf(image_size), resize
         self.crop = defaults.crop if crop is None else bool(crop)
         self.augment = bool(augment)
-        self.augment_kind = augment_kind or ("paper" if protocol == "paper" else "ecg")
+        self.augment_kind = augment_kind if augment_kind is not None else ("paper" if protocol == "paper" else "ecg")
         self.drop_last = bool(drop_last)
         self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.decoded_cache = bool(decoded_cache)
         self.manifest_out = None if manifest_out is None else str(manifest_out)
         self.synthetic_per_class = int(synthetic_per_class)
+        self.make_default_root = make_default_root
         self.ink = bool(ink)
         # Normalisation given explicitly (a checkpoint's stored values) wins over the timm config's.
         self.normalisation = {
-            k: v for k, v in (("mean", _plain(mean)), ("std", _plain(std)), ("interpolation", interpolation))
+            k: v for k, v in (("mean", from_omegaconf(mean)), ("std", from_omegaconf(std)),
+                              ("interpolation", interpolation))
             if v is not None
-        }
-        for key in ("mean", "std"):
-            value = self.normalisation.get(key)
-            if value is not None and (len(value) != 3 or (key == "std" and min(value) <= 0)):
-                raise ValueError(f"{key} must be 3 numbers (std > 0), got {value}")
+        }  # fmt: skip
+        self._validate()
         self._root: Path | None = None
         self._manifest: Manifest | None = None
         self._config: DataConfig | None = None
         self._datasets: dict[str, EcgImageDataset] = {}
         self._corrupt_logged = 0  # corrupt decoded-cache entries already reported by `teardown`
 
+    def _validate(self) -> None:
+        """Refuse unknown modes, a batch size below 1, a bad image size or bad normalisation, naming the value."""
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"unknown resize {self.resize!r}; expected one of {', '.join(RESIZE_MODES)}")
+        if self.augment_kind not in AUGMENT_KINDS:
+            raise ValueError(
+                f"unknown augment_kind {self.augment_kind!r}; expected one of {', '.join(AUGMENT_KINDS)}"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.image_size is not None:
+            parse_image_size(self.image_size, minimum=MIN_IMAGE_SIZE)  # a bad size fails here, naming the value
+        for key in ("mean", "std"):
+            value = self.normalisation.get(key)
+            if value is not None and (len(value) != 3 or (key == "std" and min(value) <= 0)):
+                raise ValueError(f"{key} must be 3 numbers (std > 0), got {value}")
+
     # -- data preparation -------------------------------------------------------------------------
 
     def dataset_root(self) -> Path:
-        """The image folder: `root`, or the synthetic default (generated on first use)."""
+        """The image folder: `root`, or the one `make_default_root` makes (the synthetic default, on first use)."""
         if self._root is None:
             if self.root is None:
-                self._root = ensure_synthetic_dataset(
+                if self.make_default_root is None:
+                    raise DatasetError(
+                        "root is None and no make_default_root was given: pass a folder, or "
+                        "make_default_root=ecg_inception.synthetic.default_set.ensure_synthetic_dataset"
+                    )
+                self._root = Path(self.make_default_root(
                     self.cache_root / "synthetic", self.synthetic_per_class, self.seed
-                )
+                ))
             else:
                 self._root = Path(self.root).expanduser()
                 if not self._root.is_dir():
@@ -318,7 +210,7 @@ class EcgDataModule(L.LightningDataModule):
         return self._root
 
     def prepare_data(self) -> None:
-        """Generate the synthetic default set if no root is given (once per machine, reused after).
+        """Make the default set if no root is given (once per machine, reused after).
 
         In a distributed fit (Lightning calls this on local rank 0 while the other ranks wait at a barrier) the
         decoded cache is filled here too, so that every image is decoded once and the other ranks only read it.
@@ -517,3 +409,8 @@ class EcgDataModule(L.LightningDataModule):
         return CacheStats(
             *(sum(getattr(s, f) for s in stats) for f in ("hits", "misses", "memory_hits", "corrupt"))
         )
+
+
+#: Moved to ecg_inception.synthetic.default_set (synthetic sits above data); forwarded with a warning.
+__getattr__ = forward_moved(__name__, "ecg_inception.synthetic.default_set",
+                            {"ensure_synthetic_dataset", "SYNTHETIC_VERSION", "SYNTHETIC_SCALE"})

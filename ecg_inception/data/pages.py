@@ -14,18 +14,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ecg_inception.core.plain import from_omegaconf
 from ecg_inception.data.cache import PreprocessSettings
 from ecg_inception.data.crop import CropBox, detect_grid_box
 from ecg_inception.data.transforms import check_preprocessing_version, preprocess
 from ecg_inception.errors import ConfigValueError
-
-
-def _plain(value: Any) -> Any:
-    """OmegaConf containers -> plain Python values; anything else unchanged."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-
 
 #: Keys a checkpoint's `preprocessing` dict must hold for prediction outside the training data.
 PREPROCESSING_KEYS = ("size", "mean", "std", "interpolation", "resize", "crop")
@@ -44,7 +37,7 @@ def check_preprocessing(preprocessing: Mapping[str, Any] | None, source: str | P
     Raises:
         ConfigValueError: A key is missing or the version is not one this code can reproduce.
     """
-    prep = dict(_plain(preprocessing) or {})
+    prep = dict(from_omegaconf(preprocessing) or {})
     missing = [k for k in PREPROCESSING_KEYS if k not in prep]
     if missing:
         raise ConfigValueError(f"{source}: the stored preprocessing lacks {missing} (has {sorted(prep)})")

@@ -12,7 +12,6 @@ file system) cannot be written to a manifest or a report: such a file is *unread
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import threading
@@ -26,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from PIL import ImageFile as PilImageFile
 
+from ecg_inception.core.hashing import sha256_hex  # noqa: F401 - re-exported
 from ecg_inception.data.labels import label_for_folder, order_labels
 from ecg_inception.errors import DatasetError, UnreadableImageError
 
@@ -192,11 +192,6 @@ def read_bytes(path: str | Path) -> bytes:
         raise UnreadableImageError(path, reason) from exc
     except OSError as exc:
         raise UnreadableImageError(path, f"cannot read file: {exc.strerror or exc}") from exc
-
-
-def sha256_hex(data: bytes) -> str:
-    """Hex sha256 of a file's bytes: the identity of exact duplicates."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def decode_rgb(data: bytes, path: str | Path = "<bytes>") -> tuple[Image.Image, str]:

@@ -8,7 +8,7 @@ flip: a horizontal flip reverses time and a vertical one inverts the waveforms.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from PIL import Image, ImageChops, ImageFilter
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
+from ecg_inception.core.sizes import SizeSpec, parse_image_size, size_value  # noqa: F401 - re-exported
 from ecg_inception.data.crop import CropBox
 from ecg_inception.data.scale import CANONICAL_PX_PER_MM, GridPitch, measure_pitch, to_canonical
 from ecg_inception.errors import ConfigValueError
@@ -48,38 +49,6 @@ INTERPOLATIONS = tuple(_PIL_INTERPOLATION)  # the names `preprocess` accepts
 
 
 MIN_IMAGE_SIZE = 8  # smallest model input side resolve_data_config accepts
-#: An input size: one int (square) or [height, width], as `data.image_size` takes it.
-SizeSpec = int | Sequence[int]
-
-
-def parse_image_size(value: SizeSpec, minimum: int = 1) -> tuple[int, int]:
-    """`data.image_size` -> (height, width): an int is a square, a pair is [height, width] (timm's order).
-
-    A non-square size keeps more of the 10 s time axis than a square squash of the same pixel count.
-    Both sides must be at least `minimum` pixels.
-    """
-    if isinstance(value, bool):
-        raise ValueError(f"image_size must be an int or [height, width], got {value!r}")
-    if isinstance(value, (int, np.integer)):
-        pair: list[Any] = [value, value]
-    elif isinstance(value, str) or not isinstance(value, Iterable):
-        raise ValueError(f"image_size must be an int or [height, width], got {value!r}")
-    else:
-        pair = list(value)
-    if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in pair):
-        raise ValueError(f"image_size must be an int or [height, width] of two ints, got {value!r}")
-    height, width = int(pair[0]), int(pair[1])
-    if min(height, width) < minimum:
-        raise ValueError(f"image_size must be at least {minimum} pixels on each side, got {value!r}")
-    return height, width
-
-
-def size_value(size: tuple[int, int]) -> int | list[int]:
-    """(height, width) -> the plain value configs and checkpoints store: an int when square, else [h, w]."""
-    height, width = size
-    return height if height == width else [height, width]
-
-
 @dataclass(frozen=True)
 class DataConfig:
     """Input size as (height, width), normalisation and resize interpolation of a timm model."""

@@ -46,7 +46,7 @@ def head_modules(model: nn.Module) -> list[str]:
 
 
 @contextmanager
-def _tracing(model: nn.Module) -> Iterator[torch.Tensor]:
+def tracing(model: nn.Module) -> Iterator[torch.Tensor]:
     """Eval mode, no grad and a small dummy input; every module's mode is restored afterwards."""
     modes = {m: m.training for m in model.modules()}
     aux = getattr(model, "aux_logits", None)
@@ -82,7 +82,7 @@ def call_order(model: nn.Module) -> list[str]:
 
     handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in model.named_modules() if n]
     try:
-        with _tracing(model) as dummy:
+        with tracing(model) as dummy:
             model(dummy)
     finally:
         for handle in handles:
@@ -292,6 +292,17 @@ class GradualUnfreeze(BaseFinetuning):
         self.backbone_attr = backbone_attr
         self._trainer: pl.Trainer | None = None
 
+    # Lightning's own helpers (BaseFinetuning.freeze / make_trainable / unfreeze_and_add_param_group) are not used:
+    # each differs from what this callback must do, so the steps below stay custom:
+    # - freezing happens in EcgClassifier's constructor (apply_unfreeze), so freeze_before_training has nothing left;
+    # - make_trainable turns BatchNorm's track_running_stats on; here newly trainable BatchNorm leaves inference mode
+    #   (train(True)), the Keras trainable=True semantics frozen BatchNorm mirrors (docs/freezing.md);
+    # - unfreeze_and_add_param_group's default lr is the *current* lr / 10; here it is the *initial* lr x lr_factor,
+    #   so a schedule that has already decayed the first group does not decay the new one twice;
+    # - it neither sets the group's initial_lr nor extends the schedulers' base_lrs, which the LR schedulers need;
+    # - filter_on_optimizer detects parameters already in the optimizer by value (torch.equal), which drops distinct
+    #   parameters that merely hold equal values (zero-initialised BatchNorm biases of a random network); here by
+    #   identity (tests/test_freezing.py shows the difference).
     def freeze_before_training(self, pl_module: nn.Module) -> None:
         """Nothing to do: the module froze its trunk when it was constructed."""
 

@@ -156,6 +156,7 @@ class EcgClassifier(pl.LightningModule):
         calibrate: bool = True,
     ) -> None:
         super().__init__()
+        # Plain values first: save_hyperparameters() stores these locals as they are after this block.
         labels, unfreeze, gradual_unfreeze = to_plain(labels), to_plain(unfreeze), to_plain(gradual_unfreeze)
         class_weights, preprocessing = to_plain(class_weights), to_plain(preprocessing)
         if preprocessing is not None:
@@ -165,6 +166,31 @@ class EcgClassifier(pl.LightningModule):
         optimizer = describe_callable(optimizer) if callable(optimizer) else to_plain(optimizer)
         scheduler = describe_callable(scheduler) if callable(scheduler) else to_plain(scheduler)
         num_classes = int(num_classes)
+        self._validate(model_name, num_classes, labels, class_weights, unfreeze, gradual_unfreeze, optimizer,
+                       scheduler, preprocessing, aux_logits, trunk_cache, trunk_cache_views, trunk_cache_verify)
+        self.save_hyperparameters()
+        self.configure_models()
+        self.configure_losses()
+        self.configure_metrics()
+        self.labels = list(labels) if labels else [str(i) for i in range(num_classes)]
+        self.last_reports: dict[str, dict[str, Any]] = {}
+        #: Temperature T of `calibrated_probabilities` (softmax(logits / T)); fitted on val after fit (see
+        #: models.calibration) and saved in checkpoints as their top-level "temperature" entry; 1.0 = unscaled.
+        self.temperature = 1.0
+        #: (logits, targets) of the last val/test epoch on this rank, for calibration.
+        self.last_logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._epoch_logits: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
+        self._weights_from_checkpoint = False
+        #: Set by features.trunk_cache.use_trunk_cache: batches may then be cached trunk features.
+        self.trunk_split: TrunkSplit | None = None
+
+    def _validate(
+        self, model_name: str, num_classes: int, labels: list[str] | None, class_weights: list[float] | None,
+        unfreeze: dict[str, Any] | None, gradual_unfreeze: dict[str, Any] | None, optimizer: Any, scheduler: Any,
+        preprocessing: dict[str, Any] | None, aux_logits: bool, trunk_cache: Any, trunk_cache_views: Any,
+        trunk_cache_verify: str,
+    ) -> None:
+        """Refuse inconsistent arguments before anything is built (the errors of the class docstring's Raises)."""
         if labels is not None and len(labels) != num_classes:
             raise ValueError(f"num_classes={num_classes} but {len(labels)} labels were given: {labels}")
         if class_weights is not None and len(class_weights) != num_classes:
@@ -190,34 +216,34 @@ class EcgClassifier(pl.LightningModule):
             check_image_size(size, model_name, False)  # the trunk's own minimum (75 px for inception_v3)
         parse_trunk_cache(trunk_cache), parse_views(trunk_cache_views)  # fail fast; train() acts on them
         parse_verify(trunk_cache_verify)
-        self.save_hyperparameters()
 
-        self.backbone = create_backbone(model_name, num_classes, aux_logits, drop_rate, pretrained, pretrained_file)
-        if channels_last:
+    def configure_models(self) -> None:
+        """The timm backbone (weights, head for `num_classes`), its memory format, compilation and freezing."""
+        hp = self.hparams
+        self.backbone = create_backbone(hp.model_name, hp.num_classes, hp.aux_logits, hp.drop_rate, hp.pretrained,
+                                        hp.pretrained_file)
+        if hp.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
-        if compile:
+        if hp.compile:
             # In place (nn.Module.compile): state_dict keys stay the same, so checkpoints load either way. The
             # trunk cache calls the backbone's blocks one by one and so runs them uncompiled.
-            self.backbone.compile(**(compile if isinstance(compile, dict) else {}))
-        self.freeze_plan = apply_unfreeze(self.backbone, **(unfreeze or {}))
-        self.labels = list(labels) if labels else [str(i) for i in range(num_classes)]
+            self.backbone.compile(**(hp.compile if isinstance(hp.compile, dict) else {}))
+        self.freeze_plan = apply_unfreeze(self.backbone, **(hp.unfreeze or {}))
+
+    def configure_losses(self) -> None:
+        """The class weights of the cross-entropy (a non-persistent buffer: they ride in the hyper-parameters)."""
+        class_weights = self.hparams.class_weights
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weight", weight, persistent=False)
+
+    def configure_metrics(self) -> None:
+        """Train accuracy, the val/test metric collections and losses, and the best val accuracy so far."""
+        num_classes = self.hparams.num_classes
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.eval_metrics = nn.ModuleDict({s: build_metrics(num_classes) for s in ("val", "test")})
         self.eval_loss = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
         # Saved as checkpoint["val_acc_best"] (on_save_checkpoint), so that a resume keeps the best so far.
         self.val_acc_best = MaxMetric()
-        self.last_reports: dict[str, dict[str, Any]] = {}
-        #: Temperature T of `calibrated_probabilities` (softmax(logits / T)); fitted on val after fit (see
-        #: models.calibration) and saved in checkpoints as their top-level "temperature" entry; 1.0 = unscaled.
-        self.temperature = 1.0
-        #: (logits, targets) of the last val/test epoch on this rank, for calibration.
-        self.last_logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._epoch_logits: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
-        self._weights_from_checkpoint = False
-        #: Set by models.trunk_cache.maybe_use_trunk_cache: batches may then be cached trunk features.
-        self.trunk_split: TrunkSplit | None = None
 
     @classmethod
     def from_checkpoint(
@@ -315,10 +341,10 @@ class EcgClassifier(pl.LightningModule):
         return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last else x
 
     def run_backbone(self, x: torch.Tensor | TrunkFeatures) -> Any:
-        """The backbone's raw output on images, or only its tail on cached trunk features (models.trunk_cache)."""
+        """The backbone's raw output on images, or only its tail on cached trunk features (features.trunk_cache)."""
         if isinstance(x, TrunkFeatures):
             if self.trunk_split is None:
-                raise RuntimeError("cached trunk features need model.trunk_split (see models.trunk_cache)")
+                raise RuntimeError("cached trunk features need model.trunk_split (see features.trunk_cache)")
             return self.trunk_split.tail(x)
         return self.backbone(self._prep(x))
 
@@ -458,8 +484,27 @@ class EcgClassifier(pl.LightningModule):
         frozen = [m for _, m in frozen_batchnorms(self.backbone)]
         if frozen:  # Lightning warns about eval-mode modules; these (and only exactly these) are intentional
             count = sum(1 for bn in frozen for _ in bn.modules())
+            # Lightning warns once, in the fit loop's start, between this hook and on_train_start: the filter lives
+            # only that long (a catch_warnings scope closed by on_train_start, or teardown if the fit fails first).
+            self._end_warning_scope()
+            scope = warnings.catch_warnings()
+            scope.__enter__()
+            self._warning_scope = scope
             warnings.filterwarnings("ignore", message=rf"Found {count} module\(s\) in eval mode at the start")
             log.info("%d frozen BatchNorm layers stay in inference mode (Keras trainable=False)", len(frozen))
+
+    def on_train_start(self) -> None:
+        """Close the warning filter `on_fit_start` opened (Lightning's eval-mode warning has been issued)."""
+        self._end_warning_scope()
+
+    def teardown(self, stage: str) -> None:
+        """Close the warning filter of a fit that stopped before `on_train_start`."""
+        self._end_warning_scope()
+
+    def _end_warning_scope(self) -> None:
+        scope, self._warning_scope = getattr(self, "_warning_scope", None), None
+        if scope is not None:
+            scope.__exit__(None, None, None)
 
     # -------------------------------------------------------------------------------------- checkpoints
     def _check_class_count(self, state_dict: Mapping[str, torch.Tensor], source: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ecg_inception.core.plain import is_plain, to_plain  # noqa: F401 - to_plain re-exported
 from ecg_inception.errors import ConfigValueError
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -84,33 +85,6 @@ def register_scheduler(factory: Callable[..., Any], name: str | None = None) -> 
         The name now accepted.
     """
     return _register(ALLOWED_SCHEDULERS, factory, name)
-_PLAIN = (bool, int, float, str, type(None))
-
-
-def to_plain(value: Any) -> Any:
-    """OmegaConf containers, tuples, tensors and arrays -> dicts, lists and Python scalars (recursively)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, (DictConfig, ListConfig)):
-            value = OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # omegaconf is a dependency, but plain use must not need it
-        pass
-    if hasattr(value, "tolist") and not isinstance(value, _PLAIN):
-        value = value.tolist()
-    if isinstance(value, Mapping):
-        return {k: to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_plain(v) for v in value]
-    return value
-
-
-def _is_plain(value: Any) -> bool:
-    if isinstance(value, Mapping):
-        return all(isinstance(k, (str, int)) and _is_plain(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
-    return isinstance(value, _PLAIN)
 
 
 def describe_callable(factory: Callable[..., Any]) -> dict[str, Any]:
@@ -120,7 +94,7 @@ def describe_callable(factory: Callable[..., Any]) -> dict[str, Any]:
         func, keywords, args = factory.func, dict(factory.keywords), factory.args
     name = f"{getattr(func, '__module__', '')}.{getattr(func, '__qualname__', repr(func))}".lstrip(".")
     keywords = to_plain(keywords)
-    if args or not _is_plain(keywords):
+    if args or not is_plain(keywords):
         return {"name": name, "repr": repr(factory), "rebuildable": False}
     return {"name": name, **keywords}
 

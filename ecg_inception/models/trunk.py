@@ -1,14 +1,14 @@
 """Split a timm classifier into a frozen prefix (image -> cacheable tensors) and a trainable tail.
 
 When the first stages of the backbone are frozen and in inference mode, their output is a pure function of the
-image: it can be computed once (see `models.trunk_cache`) and training then only runs the tail. `TrunkSplit`
+image: it can be computed once (see `features.trunk_cache`) and training then only runs the tail. `TrunkSplit`
 does both halves so that `tail(prefix(x))` equals `model(x)` in eval mode, aux logits included.
 
 Stages are the backbone's top-level feature modules in forward order, parameter-free pools included (timm's
 InceptionV3 `layer_names`; for other models the top-level children in call order, each plain `nn.Sequential`
 opened one level, checked numerically against the full forward). Heads and `AuxLogits` are never stages.
 `plan_trunk_cache` decides, from the freezing, the augmentation and `model.trunk_cache`, where (and whether)
-to cut; `models.trunk_cache` stores the prefix outputs and serves them.
+to cut; `features.trunk_cache` stores the prefix outputs and serves them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ecg_inception.models.freezing import _tracing, call_order, head_modules
+from ecg_inception.models.freezing import call_order, head_modules, tracing
 
 #: Boundary name for "everything up to the head is frozen": the cached tensor is the (pooled) final feature map.
 HEAD = "head"
@@ -224,7 +224,7 @@ class TrunkSplit:
 
     def verify(self, size: int | None = None, atol: float = 1e-4) -> None:
         """Check tail(prefix(x)) == model(x) in eval mode on a dummy input; ValueError when it is not."""
-        with _tracing(self.model) as dummy:
+        with tracing(self.model) as dummy:
             if size is not None:
                 dummy = dummy.new_zeros(1, dummy.shape[1], size, size)
             dummy = dummy.normal_(generator=torch.Generator(dummy.device).manual_seed(0))
@@ -238,12 +238,6 @@ class TrunkSplit:
         ):
             raise ValueError(f"{type(self.model).__name__} is not a sequential composition of its top-level stages "
                              f"{self.stages}: prefix + tail does not reproduce its forward; no trunk cache for it")
-
-
-def split_at_frozen(model: nn.Module, pooled: bool | None = None) -> TrunkSplit | None:
-    """A TrunkSplit at `frozen_boundary(model)`, or None when the first stage already trains."""
-    boundary = frozen_boundary(model)
-    return None if boundary is None else TrunkSplit(model, boundary, pooled=pooled)
 
 
 # ------------------------------------------------------------------------------------------------ planning
