@@ -53,3 +53,7 @@ class TrainingDivergedError(EcgInceptionError, ArithmeticError):
             f"training diverged: the loss is {value} at step {self.step} (epoch {self.epoch}); the likely cause is a "
             f"learning rate that is too high{rate}: lower model.optimizer.lr and check the inputs"
         )
+
+
+class OutputDirError(EcgInceptionError, OSError):
+    """The run's output folder cannot take what the run must write (read-only, full, or a checkpoint write failed)."""

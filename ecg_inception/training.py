@@ -20,8 +20,10 @@ import lightning.pytorch as pl
 import torch
 import yaml
 from hydra.utils import instantiate
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from ecg_inception.callbacks import BestWeights, FiniteLoss
@@ -36,6 +38,22 @@ from ecg_inception.models.calibration import calibration_report, fit_temperature
 from ecg_inception.models.checkpoint import load_checkpoint
 from ecg_inception.models.module import EcgClassifier
 from ecg_inception.report import MetricsHistory, write_report
+from ecg_inception.resume import (
+    CHECKPOINT_FACTOR,
+    SIGTERM_EXIT,
+    AtomicCheckpointIO,
+    CSVLogger,
+    RngState,
+    check_exact_resume,
+    check_output_dir,
+    explicit_run_dir,
+    finished_run,
+    last_checkpoint_runs,
+    preempted_message,
+    resolve_ckpt_path,
+    resumed_step,
+    state_bytes,
+)
 from ecg_inception.run_setup import (
     check_train_config,
     data_overrides_for_weights,
@@ -71,29 +89,6 @@ def instantiate_callbacks(callbacks_cfg: DictConfig | None) -> list[Callback]:
 def instantiate_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
     """The Lightning loggers of `cfg.logger`."""
     return instantiate_named("logger", logger_cfg)
-
-
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, log_dir: Path, task_name: str) -> Path | None:
-    """`last` -> this run's checkpoints/last.ckpt, else the newest last.ckpt of earlier runs; paths are checked."""
-    if ckpt_path in (None, ""):
-        return None
-    if ckpt_path == "last":
-        own = output_dir / "checkpoints" / "last.ckpt"
-        if own.is_file():
-            return own
-        candidates = sorted(
-            (log_dir / task_name).glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
-        )
-        if not candidates:
-            raise FileNotFoundError(
-                f"ckpt_path=last: no last.ckpt in {own.parent} nor under {log_dir / task_name}; "
-                "give ckpt_path=/path/to/last.ckpt"
-            )
-        return candidates[-1]
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
-    return path
 
 
 @contextlib.contextmanager
@@ -150,6 +145,13 @@ def setup_datamodule(
     dm.setup("fit")
     report_excluded(dm.manifest, output_dir / SPLITS_FILE)
     return dm
+
+
+def _writes_checkpoints(callbacks: list[Callback], cfg: DictConfig) -> bool:
+    """Whether the fit writes checkpoints into the run folder (ModelCheckpoint, or BestWeights' one file)."""
+    if cfg.trainer.get("enable_checkpointing") is False:
+        return False
+    return any(isinstance(c, ModelCheckpoint) or (isinstance(c, BestWeights) and c.save_path) for c in callbacks)
 
 
 def _best_checkpoint(callbacks: list[Callback]) -> tuple[str | None, str | None]:
@@ -251,7 +253,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     started = time.perf_counter()
     output_dir = Path(str(cfg.paths.output_dir))
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(output_dir)  # writable (room for the checkpoints is checked once the model is built)
+    if cfg.get("ckpt_path") == "auto" and explicit_run_dir():
+        done = finished_run(output_dir, cfg)
+        if done is not None:  # a sweep run again in its own sweep dir: this job is done
+            log.info("ckpt_path=auto: %s already finished with this config (metrics.json: ok); not run again",
+                     output_dir)
+            return done, {"cfg": cfg, "skipped": True}
     if is_rank_zero():  # a distributed run's files are written once, by rank 0
         (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
     pl.seed_everything(int(cfg.seed), workers=True)
@@ -266,8 +274,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     )
     if not cfg.get("train", True):
         return _test_checkpoint(cfg, ckpt)
+    resume_step = None
     if ckpt is not None:
-        load_checkpoint(ckpt)  # a corrupt or unsafe file fails here, before any data work, with a CheckpointError
+        # A corrupt or unsafe file fails here, before any data work, with a CheckpointError.
+        resume_step = resumed_step(load_checkpoint(ckpt))
+        log.info("Resuming from %s (step %d)", ckpt, resume_step)
+        check_exact_resume(cfg)
     datamodule = setup_datamodule(
         cfg, output_dir, _split_manifest_for(cfg, ckpt), drop_last=bool(cfg.model.get("aux_logits", False)),
         **data_overrides_for_weights(cfg),
@@ -286,8 +298,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
                               hp.get("trunk_cache_verify"))
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     history = MetricsHistory()
-    callbacks += [history, FiniteLoss()]
+    callbacks += [history, FiniteLoss(), RngState()]
+    if is_rank_zero() and _writes_checkpoints(callbacks, cfg):
+        check_output_dir(output_dir / "checkpoints", CHECKPOINT_FACTOR * state_bytes(model))
     loggers = instantiate_loggers(cfg.get("logger"))
+    for logger in loggers:
+        if resume_step is not None and isinstance(logger, CSVLogger):
+            logger.resume_from(resume_step)  # append to metrics.csv, never truncate the earlier rows
     extra: dict[str, Any] = {}
     if "enable_checkpointing" not in cfg.trainer and not any(
         isinstance(c, ModelCheckpoint) for c in callbacks
@@ -296,19 +313,31 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         # write a full checkpoint every epoch, which costs more than a cached tail epoch.
         extra["enable_checkpointing"] = False
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # temp file + os.replace: a failed save keeps
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # the previous last.ckpt
 
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer, "history": history}
     try:
         trainer.fit(model=model, datamodule=loaders, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    except SIGTERMException:  # Lightning stops at the end of the batch that was running when SIGTERM came
+        err = RuntimeError(preempted_message(trainer, output_dir))
+        log.error("%s", err)
+        stopped_report(output_dir, "failed", err, datamodule, trainer, history, started)
+        raise SystemExit(SIGTERM_EXIT) from None
     except TrainingDivergedError as err:
         log.error("%s", err)
         return stopped_report(output_dir, "diverged", err, datamodule, trainer, history, started), objects
     except Exception as err:
-        stopped_report(output_dir, "failed", err, datamodule, trainer, history, started)
+        try:
+            stopped_report(output_dir, "failed", err, datamodule, trainer, history, started)
+        except OSError as report_err:  # a full disk: the run's own error is what matters
+            log.error("could not write the stopped run's metrics.json (%s)", report_err)
         raise
     logged = _scalar_metrics(trainer)
     best, eval_ckpt = _best_checkpoint(callbacks)
     trainer.validate(model=model, datamodule=loaders, ckpt_path=eval_ckpt, verbose=False, weights_only=True)
+    for key, value in _scalar_metrics(trainer).items():  # a resumed fit that had already finished logs nothing
+        logged.setdefault(key, value)
     if model.hparams.get("calibrate", True):
         calibrate_model(model, best)
     if cfg.get("test", True):
@@ -413,6 +442,12 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     output_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True)
     splits = _eval_splits(cfg)
+    if str(cfg.ckpt_path) in ("last", "auto"):  # eval writes a folder of its own: no "this run" to take it from
+        runs = last_checkpoint_runs(Path(str(cfg.paths.log_dir)), "train")
+        raise ConfigValueError(
+            f"ckpt_path={cfg.ckpt_path}: eval does not guess which run to score; give ckpt_path=<run dir>/checkpoints/last.ckpt"
+            f" (runs with a last.ckpt, newest first: {'; '.join(map(str, runs[:5])) or 'none'})"
+        )
     ckpt = resolve_ckpt_path(str(cfg.ckpt_path), output_dir, Path(str(cfg.paths.log_dir)), "train")
     assert ckpt is not None
     model = EcgClassifier.from_checkpoint(ckpt)

@@ -24,7 +24,7 @@ FLOORS: dict[str, float] = {
     "models": 2,
     "features": 2.5,
     "inference": 3,
-    "training": 4, "run_setup": 4, "report": 4, "callbacks": 4, "distributed": 4, "sweep_summary": 4,
+    "training": 4, "run_setup": 4, "report": 4, "callbacks": 4, "distributed": 4, "sweep_summary": 4, "resume": 4,
     "cli": 5,
 }  # fmt: skip
 #: Modules exempt as importers: the package's lazy public API (`ecg_inception.EcgDataModule`, ...).

@@ -50,7 +50,7 @@ from ecg_inception.data.transforms import (
     resolve_data_config,
     size_value,
 )
-from ecg_inception.errors import DatasetError, ManifestError
+from ecg_inception.errors import CheckpointError, DatasetError, ManifestError
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,9 @@ class EcgDataModule(L.LightningDataModule):
         self._validate()
         self._root: Path | None = None
         self._manifest: Manifest | None = None
+        # The train loader's shuffle generator, kept in checkpoints (state_dict) for an exact resume.
+        self._train_generator: torch.Generator | None = None
+        self._train_generator_state: torch.Tensor | None = None
         self._config: DataConfig | None = None
         self._datasets: dict[str, EcgImageDataset] = {}
         self._corrupt_logged = 0  # corrupt decoded-cache entries already reported by `teardown`
@@ -304,6 +307,11 @@ class EcgDataModule(L.LightningDataModule):
         # reproducible from `seed` and never draws from the global RNG (eval loaders included).
         generator = torch.Generator()
         generator.manual_seed(self.seed + SPLITS.index(split))
+        if train:
+            if self._train_generator_state is not None:  # resuming: continue the checkpointed shuffle sequence
+                generator.set_state(self._train_generator_state)
+                self._train_generator_state = None
+            self._train_generator = generator
         sampler = None
         if not train and distributed_world_size() > 1:
             # Every rank scores its own part and torchmetrics sums over ranks: each image counts once (Lightning's
@@ -327,6 +335,29 @@ class EcgDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the module: the train loader's generator state (shuffle order, workers' seeds).
+
+        The generator is seeded from `seed` when the loader is built and advances once per epoch; without its
+        state a resumed run would replay epoch 0's order (docs/configuration.md, "Resuming").
+        """
+        if self._train_generator is None:
+            return {}
+        return {"train_generator": self._train_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore `state_dict()`: the next train loader continues the checkpointed generator.
+
+        Raises:
+            CheckpointError: the stored state is not a generator state (a uint8 tensor).
+        """
+        state = state_dict.get("train_generator")
+        if state is None:
+            return
+        if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8:
+            raise CheckpointError("checkpoint", f"EcgDataModule.train_generator is not a generator state: {state!r}")
+        self._train_generator_state = state.clone()
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", train=False)
