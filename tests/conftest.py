@@ -111,3 +111,28 @@ def tiny_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         torch.set_num_threads(threads)
         GlobalHydra.instance().clear()
     return {"ckpt": Path(metrics["best_checkpoint"]), "run": tmp / "run", "metrics": metrics, "objects": objects}
+
+
+def load_checkpoint_file(path: Path) -> dict:
+    """A checkpoint file as torch reads it (weights_only), for tests that compare raw states."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_state(a, b, where: str) -> None:
+    """Nested checkpoint states equal exactly: tensors by value and dtype, containers by keys and length."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"

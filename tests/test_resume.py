@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_cfg, tiny_overrides
+from conftest import assert_same_state, compose_cfg, load_checkpoint_file, tiny_overrides
 
 from ecg_inception import resume
 from ecg_inception.errors import OutputDirError
@@ -54,25 +54,6 @@ def straight(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return tmp / "run"
 
 
-def _load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _assert_equal(a, b, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for key in a:
-            _assert_equal(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def _epoch_0_finished(metrics_csv: Path) -> bool:
     """Whether the CSV already holds epoch 0's train-mean row (logged just after epoch 0's last.ckpt)."""
     if not metrics_csv.is_file():
@@ -102,20 +83,20 @@ def test_a_killed_run_resumes_bit_identically(straight: Path, synthetic_root: Pa
                 proc.kill()
     log = (tmp_path / "killed.log").read_text()
     assert rc == (128 + signal.SIGTERM if sig == signal.SIGTERM else -sig), f"rc {rc}: {log[-3000:]}"
-    assert _load(run / "checkpoints" / "last.ckpt")["epoch"] in (0, 1)
+    assert load_checkpoint_file(run / "checkpoints" / "last.ckpt")["epoch"] in (0, 1)
     if sig == signal.SIGTERM:  # Lightning stopped at the end of the batch; the run says where a resume starts
         stopped = json.loads((run / "metrics.json").read_text())
         assert stopped["status"] == "failed" and "SIGTERM" in stopped["error"] and "ckpt_path=last" in stopped["error"]
 
     proc = _run([*cmd, "ckpt_path=last"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ours, theirs = _load(run / "checkpoints" / "last.ckpt"), _load(straight / "checkpoints" / "last.ckpt")
+    ours, theirs = load_checkpoint_file(run / "checkpoints" / "last.ckpt"), load_checkpoint_file(straight / "checkpoints" / "last.ckpt")
     for key in ("epoch", "global_step", "state_dict", "current_model_state", "averaging_state", "optimizer_states",
                 "lr_schedulers", "val_acc_best"):
-        _assert_equal(ours[key], theirs[key], key)
+        assert_same_state(ours[key], theirs[key], key)
     for name, state in theirs["callbacks"].items():
         if not name.startswith("ModelCheckpoint"):  # those hold paths, which differ between the two runs
-            _assert_equal(ours["callbacks"][name], state, name)
+            assert_same_state(ours["callbacks"][name], state, name)
     assert any(name.startswith("EarlyStopping") for name in theirs["callbacks"])
     mine, other = json.loads((run / "metrics.json").read_text()), json.loads((straight / "metrics.json").read_text())
     for key in ("status", "epochs", "val", "test", "logged"):
@@ -150,9 +131,9 @@ def test_a_killed_sweep_resumes_in_its_own_sweep_dir(straight: Path, synthetic_r
     assert again.returncode == 0, again.stderr[-3000:]
     assert (sweep / "0" / "metrics.json").read_text() == first  # not trained again
     assert "already finished with this config" in again.stdout + again.stderr
-    ours, theirs = _load(sweep / "1" / "checkpoints" / "last.ckpt"), _load(straight / "checkpoints" / "last.ckpt")
+    ours, theirs = load_checkpoint_file(sweep / "1" / "checkpoints" / "last.ckpt"), load_checkpoint_file(straight / "checkpoints" / "last.ckpt")
     for key in ("global_step", "state_dict", "optimizer_states", "val_acc_best"):
-        _assert_equal(ours[key], theirs[key], key)
+        assert_same_state(ours[key], theirs[key], key)
     mine, other = json.loads((sweep / "1" / "metrics.json").read_text()), json.loads((straight / "metrics.json").read_text())
     assert mine["test"] == other["test"]
     assert json.loads((sweep / "sweep_summary.json").read_text())["counts"]["ok"] == 2
@@ -262,7 +243,7 @@ def test_enospc_during_training_stops_with_a_clear_error(synthetic_root: Path, t
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert str(last) in str(err.value) and "No space left on device" in str(err.value)
     monkeypatch.setattr(torch, "save", real_save)
-    assert _load(last)["epoch"] == 0
+    assert load_checkpoint_file(last)["epoch"] == 0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "failed"
 
 

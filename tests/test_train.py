@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import compose_cfg, tiny_overrides
+from conftest import assert_same_state, compose_cfg, load_checkpoint_file, tiny_overrides
 
 from ecg_inception.training import evaluate, train
 
@@ -64,29 +64,6 @@ def test_same_seed_gives_identical_metrics(trained, synthetic_root: Path, tmp_pa
     assert second["test"] == first["test"]
 
 
-def _torch_load(path: Path) -> dict:
-    import torch
-
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def _assert_tensors_equal(a, b, where: str) -> None:
-    import torch
-
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert set(a) == set(b), where
-        for key in a:
-            _assert_tensors_equal(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_tensors_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 @pytest.mark.slow
 def test_resume_matches_an_uninterrupted_run(trained, synthetic_root: Path, tmp_path: Path) -> None:
     """2 epochs + resume to 3 against 3 epochs in one go: same weights, optimiser state and metrics at the resume
@@ -100,10 +77,10 @@ def test_resume_matches_an_uninterrupted_run(trained, synthetic_root: Path, tmp_
         "save_top_k:-1,every_n_epochs:1,mode:max}",
     ]
     _, straight_objs = train(compose_cfg("train", straight))
-    interrupted = _torch_load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
-    at_epoch_1 = _torch_load(next(every.glob("epoch=1-*.ckpt")))
-    _assert_tensors_equal(interrupted["state_dict"], at_epoch_1["state_dict"], "state_dict")
-    _assert_tensors_equal(interrupted["optimizer_states"], at_epoch_1["optimizer_states"], "optimizer_states")
+    interrupted = load_checkpoint_file(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    at_epoch_1 = load_checkpoint_file(next(every.glob("epoch=1-*.ckpt")))
+    assert_same_state(interrupted["state_dict"], at_epoch_1["state_dict"], "state_dict")
+    assert_same_state(interrupted["optimizer_states"], at_epoch_1["optimizer_states"], "optimizer_states")
     accs = [row["val/acc"] for row in straight_objs["history"].rows]
     assert float(interrupted["val_acc_best"]) == pytest.approx(max(accs[:2]))
 
@@ -120,9 +97,9 @@ def test_resume_matches_an_uninterrupted_run(trained, synthetic_root: Path, tmp_
     # weights and optimiser state as epoch 2 of the uninterrupted run. Test metrics are not compared here: this run
     # folder was copied elsewhere, and Lightning then reloads the best checkpoint's path but not its score, so the
     # best epoch can differ (tests/test_resume.py resumes in place and compares them).
-    final, straight_final = (_torch_load(p / "checkpoints" / "last.ckpt") for p in (tmp_path / "run", tmp_path / "straight"))
-    _assert_tensors_equal(final["state_dict"], straight_final["state_dict"], "state_dict")
-    _assert_tensors_equal(final["optimizer_states"], straight_final["optimizer_states"], "optimizer_states")
+    final, straight_final = (load_checkpoint_file(p / "checkpoints" / "last.ckpt") for p in (tmp_path / "run", tmp_path / "straight"))
+    assert_same_state(final["state_dict"], straight_final["state_dict"], "state_dict")
+    assert_same_state(final["optimizer_states"], straight_final["optimizer_states"], "optimizer_states")
 
 
 def test_evaluate_uses_checkpoint_preprocessing(trained, tmp_path: Path) -> None:
