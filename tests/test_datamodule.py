@@ -309,3 +309,39 @@ def test_distributed_prepare_data_fills_the_decoded_cache(fitted: EcgDataModule,
             images.load_uint8(i)
     stats = reader.cache_stats()
     assert stats is not None and stats.misses == 0 and stats.hits == stats.lookups > 0
+
+
+def test_page_datasets_outside_data_scope_the_thread_count_like_ecg_image_dataset(monkeypatch) -> None:
+    """PageDataset (prediction) and PtbxlPageDataset (pretraining) load an item on one torch thread and restore
+    the process's count afterwards, through `core.cpus.torch_threads`, as EcgImageDataset does."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    import ecg_inception.inference.inputs as inputs
+    import ecg_inception.synthetic.ptbxl_pages as ptbxl_pages
+    from ecg_inception.core.cpus import torch_threads
+    from ecg_inception.inference.inputs import InputItem, PageDataset
+
+    seen: list[int] = []
+
+    def record(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return torch.zeros(3, 4, 4, dtype=torch.uint8), None
+
+    monkeypatch.setattr(inputs, "preprocess_page", record)
+    monkeypatch.setattr(ptbxl_pages, "render_item", lambda *a, **k: record()[0])
+    pages = PageDataset([InputItem("#0", Image.new("RGB", (8, 8)))], {})
+    data = SimpleNamespace(records=[SimpleNamespace(ecg_id=7)], fs=100.0, signals=lambda i: np.zeros((12, 10)))
+    ptbxl = ptbxl_pages.PtbxlPageDataset(
+        data, [0], np.zeros((1, 5), dtype=np.float32), {}, resolve_data_config("inception_v3", SIZE),
+        ptbxl_pages.Look(), seed=0, fixed=True,
+    )  # fmt: skip
+    with torch_threads(2):
+        assert pages[0]["error"] is None and ptbxl.load_uint8(0).shape == (3, 4, 4)
+        assert seen == [1, 1] and torch.get_num_threads() == 2  # one thread per item, then restored
+    with torch_threads(2):
+        with pytest.raises(RuntimeError), torch_threads(3):
+            raise RuntimeError("restored on error too")
+        assert torch.get_num_threads() == 2

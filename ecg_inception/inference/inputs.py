@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
+from ecg_inception.core.cpus import torch_threads
 from ecg_inception.data.pages import preprocess_page
 from ecg_inception.data.scan import is_image_candidate, open_rgb, to_rgb, upright
 from ecg_inception.errors import UnreadableImageError
@@ -144,14 +145,10 @@ class PageDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        threads = torch.get_num_threads()
-        if threads == 1 or get_worker_info() is not None:
+        if get_worker_info() is not None:
             return self._item(i)
-        torch.set_num_threads(1)  # as EcgImageDataset: per-image ops lose to a busy thread pool
-        try:
+        with torch_threads(1):  # as EcgImageDataset: per-image ops lose to a busy thread pool
             return self._item(i)
-        finally:
-            torch.set_num_threads(threads)
 
     def _item(self, i: int) -> dict[str, Any]:
         item = self.items[i]

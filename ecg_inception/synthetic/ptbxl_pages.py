@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ecg_inception.core.plain import from_omegaconf as _plain
+from ecg_inception.core.cpus import torch_threads
+from ecg_inception.core.plain import from_omegaconf
 from ecg_inception.data.datamodule import default_num_workers
 from ecg_inception.data.pages import preprocess_page
 from ecg_inception.data.ptbxl import PtbxlData, fold_split, read_ptbxl
@@ -106,13 +107,9 @@ class PtbxlPageDataset(Dataset):
         """The preprocessed, not normalised page of item `i` (pre-rendered when the split is cached)."""
         if self.images is not None:
             return self.images[i]
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # small per-image ops: one thread, as in DataLoader workers
-        try:
+        with torch_threads(1):  # small per-image ops: one thread, as in DataLoader workers
             return render_item(self.data.signals(self.indices[i]), self.data.fs, self.rng(i), self.look,
                                self.preprocessing)
-        finally:
-            torch.set_num_threads(threads)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.normalize(self.load_uint8(i)), self.targets[i]
@@ -192,15 +189,15 @@ class PtbxlDataModule(L.LightningDataModule):
             raise DatasetError("PTB-XL pretraining needs data.root=/path/to/ptbxl (compact or PhysioNet form)")
         if resize not in RESIZE_MODES:
             raise ValueError(f"unknown resize {resize!r}; expected one of {', '.join(RESIZE_MODES)}")
-        lo, hi = (float(v) for v in _plain(scale_range))
-        qlo, qhi = (int(v) for v in _plain(jpeg_quality))
+        lo, hi = (float(v) for v in from_omegaconf(scale_range))
+        qlo, qhi = (int(v) for v in from_omegaconf(jpeg_quality))
         if not 0.1 < lo <= hi <= 4.0 or not 1 <= qlo <= qhi <= 95:
             raise ValueError(f"need 0.1 < scale_range <= 4 and 1 <= jpeg_quality <= 95, got {scale_range}, "
                              f"{jpeg_quality}")
-        image_size = _plain(image_size)
+        image_size = from_omegaconf(image_size)
         if image_size is not None:
             parse_image_size(image_size, minimum=MIN_IMAGE_SIZE)
-        self.root, self.rate, self.folds = str(root), int(rate), _plain(folds)
+        self.root, self.rate, self.folds = str(root), int(rate), from_omegaconf(folds)
         self.min_likelihood, self.target_head = float(min_likelihood), bool(target_head)
         self.limit = None if limit is None else int(limit)
         self.seed, self.batch_size = int(seed), int(batch_size)
@@ -208,7 +205,7 @@ class PtbxlDataModule(L.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.model_name, self.image_size, self.resize = model_name, image_size, resize
         self.crop, self.ink = bool(crop), bool(ink)
-        self.normalisation = {k: v for k, v in (("mean", _plain(mean)), ("std", _plain(std)),
+        self.normalisation = {k: v for k, v in (("mean", from_omegaconf(mean)), ("std", from_omegaconf(std)),
                                                 ("interpolation", interpolation)) if v is not None}
         self.look = Look((lo, hi), (qlo, qhi))
         self.cache_dir = None if cache_dir is None else Path(cache_dir).expanduser()
