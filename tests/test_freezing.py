@@ -121,11 +121,12 @@ KERAS_FIXTURE = Path(__file__).parent / "fixtures" / "keras_inception_v3_last10.
 
 
 def test_keras_last_ten_layers_fixture_maps_to_the_layers_the_code_trains(aux_model) -> None:
-    """The cited record of Keras' base.layers[-10:] (tests/fixtures, with the Keras version and how it was derived)
-    against the code: every Keras layer with weights in the tail maps to a timm module that trains, and nothing
-    else in the trunk trains; the same for the seed's -3."""
+    """The record of Keras' base.layers[-10:] as Keras printed it (tests/fixtures, with the Keras version, backend
+    and the command, examples/print_keras_layers.py) against the code: every Keras layer with weights in the tail
+    maps to a timm module that trains, and nothing else in the trunk trains; the same for the seed's -3."""
     record = json.loads(KERAS_FIXTURE.read_text(encoding="utf-8"))
-    assert record["keras_version"] and record["sources"]
+    assert record["keras_version"] and record["backend"] and record["sources"]
+    assert "examples/print_keras_layers.py" in record["printed_by"]
     tail = record["layers"]
     assert [entry["position"] for entry in tail] == list(range(-10, 0))
     names = [entry["name"] for entry in tail]
@@ -141,6 +142,10 @@ def test_keras_last_ten_layers_fixture_maps_to_the_layers_the_code_trains(aux_mo
     assert [e["name"] for e in tail if e["weights"]] == ["batch_normalization_93"] and names[-1] == "mixed10"
     bn = aux_model.get_submodule(KERAS_MIXED10["batch_normalization_93"])
     assert bn.num_features == tail[4]["channels"] == 192
+    # Had the freeze loop counted the seed's 3-layer head (GAP, Dropout, Dense), -10 would reach the last 7 base
+    # layers, and batch_normalization_93 would still be the only one with weights (docs/freezing.md).
+    with_head = [entry.split(" ")[0] for entry in record["with_head"]["layers"]]
+    assert with_head[:7] == names[-7:] and "batch_normalization_93" in with_head
 
 
 def test_gradual_unfreeze_schedule_validation() -> None:

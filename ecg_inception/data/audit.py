@@ -63,7 +63,7 @@ class ClassCounts:
     unreadable: int
     ignored: int
     crop_fallbacks: int
-    conflicts: int  # exact groups holding this label and another one
+    conflicts: int  # conflicting splitting groups (exact + near copies) holding this label and another one
 
 
 @dataclass
