@@ -51,16 +51,31 @@ def explicit_run_dir() -> bool:
     `hydra.run.dir` (single run), `hydra.sweep.dir` (a sweep job: `<sweep.dir>/<job number>`) or
     `paths.output_dir`.
     """
+    given = command_line_keys()
+    if given is None:
+        return True
+    from hydra.core.hydra_config import HydraConfig
+
+    mode = HydraConfig.get().mode
+    key = _RUN_DIR_KEYS.get(str(getattr(mode, "name", mode)), "hydra.run.dir")
+    return key in given or "paths.output_dir" in given
+
+
+def command_line_keys() -> set[str] | None:
+    """The config keys this run's command line set (Hydra's task and hydra overrides, without `+`/`~`/`++`).
+
+    Returns:
+        The keys, e.g. `{"data.protocol", "hydra.run.dir"}`; None outside Hydra (the compose API), where
+        nothing tells a value the caller gave from a default.
+    """
     try:
         from hydra.core.hydra_config import HydraConfig
     except ImportError:  # pragma: no cover - hydra is a dependency
-        return True
+        return None
     if not HydraConfig.initialized():
-        return True
-    hydra_cfg = HydraConfig.get()
-    key = _RUN_DIR_KEYS.get(str(getattr(hydra_cfg.mode, "name", hydra_cfg.mode)), "hydra.run.dir")
-    given = [str(o).split("=", 1)[0].lstrip("+~") for o in (*hydra_cfg.overrides.hydra, *hydra_cfg.overrides.task)]
-    return key in given or "paths.output_dir" in given
+        return None
+    overrides = HydraConfig.get().overrides
+    return {str(o).split("=", 1)[0].lstrip("+~") for o in (*overrides.hydra, *overrides.task)}
 
 
 def last_checkpoint_runs(log_dir: Path, task_name: str) -> list[Path]:

@@ -47,6 +47,7 @@ from ecg_inception.resume import (
     RngState,
     check_exact_resume,
     check_output_dir,
+    command_line_keys,
     explicit_run_dir,
     finished_run,
     last_checkpoint_runs,
@@ -395,7 +396,8 @@ def _test_checkpoint(cfg: DictConfig, ckpt: Path | None) -> tuple[dict[str, Any]
 def _run_data_settings(cfg: DictConfig, ckpt: Path) -> dict[str, Any]:
     """Data settings of the run a checkpoint came from (its config.yaml), so eval sees the same data.
 
-    A non-null `data.root` given to eval wins; the protocol, seed and balancing always follow the run. The
+    A non-null `data.root` given to eval wins; so does a `data.protocol` given on the command line
+    (`command_line_keys`); otherwise the protocol, and always the seed and balancing, follow the run. The
     file is read as plain YAML (no interpolation) and only its `RUN_DATA_KEYS` are used, each checked
     against `data.settings.RUN_DATA_SCHEMA`: a run folder is data, never a config to instantiate.
     """
@@ -410,6 +412,8 @@ def _run_data_settings(cfg: DictConfig, ckpt: Path) -> dict[str, Any]:
     settings = check_run_data(run_data, f"{run_config}: data")
     if cfg.data.get("root") is not None:
         settings.pop("root", None)
+    if "data.protocol" in (command_line_keys() or ()):
+        settings.pop("protocol", None)
     return settings
 
 
@@ -481,8 +485,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if cfg.get("eval_all", False):
         if cfg.data.get("root") is None:
             raise ConfigValueError("eval_all=true needs data.root=/path/to/labelled/folder")
+        # The manifest is made under the protocol the data module loads it with: the run's, unless given.
+        protocol = str(overrides.get("protocol", cfg.data.get("protocol", "leakfree")))
         split_manifest: str | None = str(write_whole_folder_manifest(
-            cfg.data.root, str(cfg.data.get("protocol", "leakfree")), labels, output_dir / "whole_folder.csv"))
+            cfg.data.root, protocol, labels, output_dir / "whole_folder.csv"))
     else:
         split_manifest = _split_manifest_for(cfg, ckpt)
     if split_manifest is None:

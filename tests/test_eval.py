@@ -116,3 +116,46 @@ def test_eval_cli_prints_the_error_alone_and_exits_2(trained, tmp_path: Path) ->
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("ecg-inception-eval: error: splits=['train']")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def paper_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory, one_thread) -> dict:
+    """A tiny 1-epoch run under the paper protocol (its config.yaml says protocol: paper)."""
+    tmp = tmp_path_factory.mktemp("paper_run")
+    overrides = tiny_overrides(synthetic_root, tmp) + ["data.protocol=paper", "trainer.max_epochs=1"]
+    metrics, _ = train(compose_cfg("train", overrides))
+    assert metrics["status"] == "ok" and metrics["protocol"] == "paper"
+    return {"ckpt": Path(metrics["best_checkpoint"]), "run": tmp / "run", "metrics": metrics}
+
+
+def test_eval_all_on_a_paper_run_uses_the_runs_protocol(paper_run: dict, synthetic_root: Path,
+                                                         tmp_path: Path) -> None:
+    """Before the fix whole_folder.csv was written under eval.yaml's default protocol (leakfree) and loaded under
+    the run's (paper): `ManifestError: made under protocol 'leakfree', loaded under 'paper'`."""
+    out = tmp_path / "all"
+    result, objects = evaluate(compose_cfg("eval", eval_overrides(paper_run["ckpt"], out, f"data.root={synthetic_root}",
+                                                                  "eval_all=true")))
+    assert result["status"] == "ok" and result["protocol"] == "paper"
+    assert objects["datamodule"].manifest.protocol == "paper"
+    files = sorted(synthetic_root.rglob("*.jpg"))
+    assert sum(result["counts"]["test"].values()) == len(files)
+    assert sum(map(sum, result["test"]["confusion_matrix"])) == len(files)
+    assert '"protocol": "paper"' in (out / "whole_folder.csv").read_text().splitlines()[0]
+
+
+def test_a_protocol_given_on_the_command_line_wins_over_the_runs(paper_run: dict, tmp_path: Path) -> None:
+    """The run's protocol is used unless the command line names data.protocol (then that one, even the default)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from ecg_inception.core.compose import compose_config
+    from ecg_inception.training import _run_data_settings
+
+    ckpt = paper_run["ckpt"]
+    assert _run_data_settings(compose_cfg("eval", eval_overrides(ckpt, tmp_path / "a")), ckpt)["protocol"] == "paper"
+    given = compose_config("eval", eval_overrides(ckpt, tmp_path / "b", "data.protocol=leakfree"),
+                           return_hydra_config=True)
+    HydraConfig.instance().set_config(given)
+    try:
+        assert "protocol" not in _run_data_settings(given, ckpt)
+    finally:
+        HydraConfig.instance().cfg = None
