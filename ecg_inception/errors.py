@@ -39,6 +39,18 @@ class CheckpointError(EcgInceptionError, ValueError):
         super().__init__(f"{self.path}: not a valid ecg_inception checkpoint ({reason})")
 
 
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """`ckpt_path` names no file, or `ckpt_path=last` finds no `last.ckpt` in this run's folder.
+
+    Also a `FileNotFoundError`, as it was before it was a library error; `message` is the whole text.
+    """
+
+    def __init__(self, path: str | Path, message: str) -> None:
+        self.path = str(path)
+        self.reason = "no such file"
+        EcgInceptionError.__init__(self, message)
+
+
 class ConfigValueError(EcgInceptionError, ValueError):
     """A configuration value (from a config, a checkpoint or a run folder) is missing, mistyped or not allowed."""
 

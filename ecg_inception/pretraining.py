@@ -56,7 +56,7 @@ def pretrain(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     Raises:
         ConfigValueError: the model is not multi-label.
         DatasetError: `data.root` missing or not a PTB-XL folder; a patient spanning folds.
-        FileNotFoundError: `ckpt_path` names no checkpoint (or `last` finds none).
+        CheckpointNotFoundError: `ckpt_path` names no checkpoint (or `last` finds none).
     """
     started = time.perf_counter()
     output_dir = Path(str(cfg.paths.output_dir))

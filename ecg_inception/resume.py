@@ -32,7 +32,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf
 
-from ecg_inception.errors import CheckpointError, ConfigValueError, OutputDirError
+from ecg_inception.errors import CheckpointError, CheckpointNotFoundError, ConfigValueError, OutputDirError
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,8 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, log_dir: Path, ta
 
     Raises:
         ConfigValueError: `last` or `auto` in a folder Hydra made up (no `hydra.run.dir` / `hydra.sweep.dir`).
-        FileNotFoundError: the named file, or with `last` this run's `last.ckpt`, does not exist.
+        CheckpointNotFoundError: the named file, or with `last` this run's `last.ckpt`, does not exist (a
+            `FileNotFoundError` too).
     """
     if ckpt_path in (None, ""):
         return None
@@ -125,11 +126,12 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, log_dir: Path, ta
             log.info("ckpt_path=auto: no %s yet, starting from scratch", own)
             return None
         if not own.is_file():
-            raise FileNotFoundError(f"ckpt_path=last: {own} does not exist (has this run written a checkpoint?)")
+            raise CheckpointNotFoundError(
+                own, f"ckpt_path=last: {own} does not exist (has this run written a checkpoint?)")
         return own
     path = Path(ckpt_path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such checkpoint file")
+        raise CheckpointNotFoundError(path, f"ckpt_path={ckpt_path}: no such checkpoint file")
     return path
 
 

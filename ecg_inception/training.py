@@ -72,13 +72,17 @@ EVAL_SPLITS = ("val", "test")
 
 
 def instantiate_named(group: str, group_cfg: DictConfig | None) -> list[Any]:
-    """Instantiate every entry of a named-config group (callbacks, logger); entries set to null are skipped."""
+    """Instantiate every entry of a named-config group (callbacks, logger); entries set to null are skipped.
+
+    Raises:
+        ConfigValueError: an entry that is not a config with `_target_`.
+    """
     objects: list[Any] = []
     for name, conf in (group_cfg or {}).items():
         if conf is None:
             continue
         if not isinstance(conf, DictConfig) or "_target_" not in conf:
-            raise ValueError(f"{group}.{name}: expected a config with _target_, got {conf!r}")
+            raise ConfigValueError(f"{group}.{name}: expected a config with _target_, got {conf!r}")
         objects.append(instantiate(conf))
     return objects
 
@@ -247,11 +251,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     Raises:
         PretrainedWeightsError: ImageNet weights were asked for and cannot be had (before any data work).
-        FileNotFoundError: `ckpt_path` names no checkpoint (or `last` finds none).
+        CheckpointNotFoundError: `ckpt_path` names no checkpoint (or `last` finds none).
         DatasetError: `data.root` is missing or unusable.
         ManifestError: `data.split_manifest` does not fit the data.
-        ValueError: a config value is invalid (unknown protocol, bad image size, a group entry without
-            `_target_`, ...).
+        ConfigValueError: a config value is invalid (bad image size, a group entry without `_target_`, ...).
+        ValueError: a value the data module refuses (unknown protocol, ...).
     """
     if cfg.get("pretraining"):  # experiment=pretrain_ptbxl: multi-label printouts of real signals
         from ecg_inception.pretraining import pretrain
@@ -448,9 +452,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     Raises:
         ConfigValueError: splits other than val/test, or eval_all without data.root.
-        DatasetError: a folder whose classes are not the checkpoint's.
-        FileNotFoundError: `ckpt_path` names no checkpoint (or `last` finds none).
-        ValueError: the checkpoint's labels differ from the data's.
+        DatasetError: a folder whose classes (or labels) are not the checkpoint's.
+        CheckpointNotFoundError: `ckpt_path` names no checkpoint.
         ManifestError: the split manifest does not fit the data.
     """
     output_dir = Path(str(cfg.paths.output_dir))

@@ -114,3 +114,30 @@ def test_cli_prints_a_library_error_alone_and_exits_2(synthetic_root: Path, tmp_
     assert "Traceback" not in proc.stderr
     full = _cli(args, tmp_path, HYDRA_FULL_ERROR="1")
     assert full.returncode == 1 and "Traceback" in full.stderr and "ConfigValueError" in full.stderr
+
+
+def test_a_missing_ckpt_path_is_a_library_error_alone_with_exit_2(tmp_path: Path) -> None:
+    """Before the fix `resolve_ckpt_path` raised a plain FileNotFoundError: a Hydra traceback and exit 1."""
+    missing = tmp_path / "nope.ckpt"
+    args = tiny_overrides(tmp_path / "no_data", tmp_path) + [f"ckpt_path={missing}"]
+    proc = _cli(args, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == f"ecg-inception-train: error: ckpt_path={missing}: no such checkpoint file"
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_missing_checkpoint_and_a_group_entry_without_target_are_library_errors(tmp_path: Path) -> None:
+    """Eval's missing checkpoint and a callbacks/logger entry that is not a config were plain builtin errors."""
+    from omegaconf import OmegaConf
+
+    from ecg_inception.errors import CheckpointError, EcgInceptionError
+    from ecg_inception.training import evaluate, instantiate_named
+
+    missing = tmp_path / "nope.ckpt"
+    with pytest.raises(CheckpointError, match="no such checkpoint file") as info:
+        evaluate(compose_cfg("eval", [f"ckpt_path={missing}", f"paths.output_dir={tmp_path / 'e'}"]))
+    assert isinstance(info.value, FileNotFoundError)  # still what it was for code that catches the builtin
+    with pytest.raises(ConfigValueError, match="callbacks.bad: expected a config with _target_") as info:
+        instantiate_named("callbacks", OmegaConf.create({"bad": 3}))
+    assert isinstance(info.value, EcgInceptionError)
