@@ -61,6 +61,35 @@ def test_multilabel_report_skips_labels_without_both_classes() -> None:
     assert report["accuracy"] == 1.0
 
 
+
+def test_multilabel_report_matches_sklearn_on_a_random_case() -> None:
+    """AUROC (per label and macro), macro F1 and exact-match accuracy against sklearn on noisy scores with ties,
+    unequal prevalences and one label without positives (left out of the macro mean, as the report says)."""
+    from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+    rng = np.random.default_rng(7)
+    n, labels = 64, ["a", "b", "c", "d", "e"]
+    targets = (rng.random((n, len(labels))) < [0.5, 0.2, 0.7, 0.1, 0.0]).astype(np.float32)
+    scores = targets * [1.0, 1.5, 0.8, 1.2, 1.0] + rng.normal(0.0, 1.0, targets.shape)
+    # Quarter steps: many tied scores within each label; none exactly 0 (probability 0.5), where the report's
+    # F1 (torchmetrics: p > 0.5) and accuracy (p >= 0.5) would count a page differently.
+    logits = np.round(scores * 4) / 4 + 0.125
+    report = multilabel_report(torch.tensor(logits), torch.tensor(targets), labels)
+    qualifying = [k for k in range(len(labels)) if 0 < targets[:, k].sum() < n]
+    assert qualifying == [0, 1, 2, 3]
+    expected = {labels[k]: roc_auc_score(targets[:, k], logits[:, k]) for k in qualifying}
+    assert min(expected.values()) > 0.55 and max(expected.values()) < 0.95  # not a trivial case
+    for name, value in expected.items():
+        assert report["per_label"][name]["auroc"] == pytest.approx(value, abs=1e-6), name
+    assert report["per_label"]["e"]["auroc"] is None
+    assert report["auroc_macro"] == pytest.approx(
+        roc_auc_score(targets[:, qualifying], logits[:, qualifying], average="macro"), abs=1e-6)
+    predicted = (logits > 0).astype(int)  # sigmoid(z) > 0.5
+    assert report["f1_macro"] == pytest.approx(
+        f1_score(targets.astype(int), predicted, average="macro", zero_division=0), abs=1e-6)
+    assert report["accuracy"] == pytest.approx(accuracy_score(targets.astype(int), predicted), abs=1e-9)
+    assert report["n"] == n and [report["per_label"][x]["positives"] for x in labels] == targets.sum(0).tolist()
+
 def test_pages_are_redrawn_for_training_and_fixed_for_evaluation(ptbxl_root: Path, tmp_path: Path) -> None:
     dm = PtbxlDataModule(str(ptbxl_root), image_size=[80, 160], num_workers=0, cache_dir=str(tmp_path))
     dm.setup()
