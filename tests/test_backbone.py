@@ -13,10 +13,13 @@ from ecg_inception.errors import PretrainedWeightsError
 from ecg_inception.models import backbone
 from ecg_inception.models.backbone import (
     check_pretrained_available,
+    classifier_names,
     create_backbone,
+    head_names,
     load_pretrained_file,
     split_name,
 )
+from ecg_inception.models.freezing import UNDESCRIBED_HEAD_MODULES, backbone_blocks, head_modules
 
 TV_FILE = "inception_v3_google-1a9a5a14.pth"  # the torchvision file name timm's tv_in1k url points at
 
@@ -185,3 +188,58 @@ def test_reachable_hub_downloads_through_huggingface_hub(imagenet_like, no_cache
     assert asked == [("timm/inception_v3.tv_in1k", "model.safetensors"),
                      ("timm/inception_v3.tv_in1k", "pytorch_model.bin")]
     _assert_trunk_equal(model, state)
+
+
+#: (model, create_model kwargs, head_modules in registration order, head_names): what the hard-coded head table
+#: found before heads came from timm's metadata; the discovery must keep finding exactly this.
+HEADS = [
+    ("inception_v3", {"aux_logits": True}, ["AuxLogits", "global_pool", "head_drop", "fc"], ["fc", "AuxLogits.fc"]),
+    ("inception_v3", {}, ["global_pool", "head_drop", "fc"], ["fc"]),
+    ("resnet18", {}, ["global_pool", "fc"], ["fc"]),
+    ("vit_tiny_patch16_224", {}, ["fc_norm", "head_drop", "head"], ["head"]),
+    ("vit_tiny_patch16_224", {"global_pool": "avg"}, ["fc_norm", "head_drop", "head"], ["head"]),
+    ("convnext_atto", {}, ["head"], ["head.fc"]),
+    ("test_convnext", {}, ["head"], ["head.fc"]),
+    ("efficientnet_b0", {}, ["global_pool", "classifier"], ["classifier"]),
+    ("deit_tiny_distilled_patch16_224", {}, ["fc_norm", "head_drop", "head", "head_dist"], ["head", "head_dist"]),
+]
+
+
+def _meta_model(name: str, **kwargs) -> torch.nn.Module:
+    """A timm model with pretrained=False on the meta device: names and identities only, no memory, no init."""
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, num_classes=4, **kwargs)
+
+
+@pytest.mark.parametrize(("name", "kwargs", "modules", "names"), HEADS, ids=lambda v: str(v) if v else "")
+def test_heads_come_from_timms_metadata(name: str, kwargs: dict, modules: list[str], names: list[str]) -> None:
+    model = _meta_model(name, **kwargs)
+    assert head_modules(model) == modules and head_names(model) == names
+    classifiers = model.get_classifier()
+    classifiers = classifiers if isinstance(classifiers, tuple) else (classifiers,)
+    assert [model.get_submodule(n) for n in classifier_names(model)] == list(classifiers)  # found by identity
+    # the class-count heads (aux aside) hold exactly the parameters get_classifier() returns, and they train
+    heads = [p for n in names if not n.startswith("AuxLogits.") for p in model.get_submodule(n).parameters()]
+    expected = [p for c in classifiers for p in c.parameters()]
+    assert [id(p) for p in heads] == [id(p) for p in expected] and heads
+    head_params = {id(p) for n in modules for p in model.get_submodule(n).parameters()}
+    assert {id(p) for p in expected} <= head_params
+    # only the table's modules are named without timm's metadata, and the trunk blocks never overlap the heads
+    described = {n.split(".", 1)[0] for n in [*head_names(model), *classifier_names(model)]}
+    assert set(modules) - described <= set(UNDESCRIBED_HEAD_MODULES)
+    assert not {b.split(".", 1)[0] for b, _ in backbone_blocks(model)} & set(modules)  # heads are never blocks
+
+
+def test_head_names_fall_back_to_get_classifier_without_a_pretrained_cfg_entry() -> None:
+    model = _meta_model("resnet18")
+    model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k != "classifier"}
+    assert head_names(model) == ["fc"] and head_modules(model) == ["global_pool", "fc"]
+    assert classifier_names(torch.nn.Linear(2, 2)) == []  # not a timm model: no metadata, no heads
+
+
+def test_a_trunk_stage_named_head_is_not_a_head() -> None:
+    """The one family where the name table and timm's metadata disagree: SelecSLS calls its last conv stage
+    `head` (its classifier is `fc`); it is part of the trunk, so freezing counts it as a block."""
+    model = _meta_model("selecsls42")
+    assert head_modules(model) == ["global_pool", "head_drop", "fc"] and classifier_names(model) == ["fc"]
+    assert [b for b, _ in backbone_blocks(model)][-4:] == ["head.0", "head.1", "head.2", "head.3"]

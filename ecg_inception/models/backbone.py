@@ -253,11 +253,34 @@ def _strip_prefixes(sd: dict[str, torch.Tensor], model_keys: set[str]) -> dict[s
     return sd
 
 
+def classifier_names(model: nn.Module) -> list[str]:
+    """Names of the modules timm's `model.get_classifier()` returns, found by identity (`[]` without the method).
+
+    A distilled model returns a tuple of classifiers (`["head", "head_dist"]`); a module registered twice keeps its
+    first name (`named_modules` order).
+    """
+    get_classifier = getattr(model, "get_classifier", None)
+    if not callable(get_classifier):
+        return []
+    found = get_classifier()
+    found = tuple(found) if isinstance(found, tuple | list) else (found,)
+    names = {id(m): n for n, m in model.named_modules() if n}
+    return [names[id(m)] for m in found if isinstance(m, nn.Module) and id(m) in names]
+
+
 def head_names(model: nn.Module) -> list[str]:
-    """Classifier module names whose weights depend on the class count: timm's classifier(s) and AuxLogits.fc."""
+    """Classifier module names whose weights depend on the class count, from timm's metadata.
+
+    `pretrained_cfg['classifier']` (the names timm's weight loading adapts to another class count; it names the
+    final linear even where `get_classifier()` returns a larger block, e.g. MetaFormer's `head.fc.fc2` inside the
+    MLP head `head.fc`), else, for a model without that entry, the modules `get_classifier()` returns; plus the
+    aux head's `AuxLogits.fc` when the model has one (timm's InceptionV3 names it nowhere else).
+    """
     cfg = getattr(model, "pretrained_cfg", None) or {}
     names = cfg.get("classifier") or ()
     names = [names] if isinstance(names, str) else list(names)
+    if not names:
+        names = classifier_names(model)
     if getattr(model, "AuxLogits", None) is not None:
         names.append(AUX_PREFIX + "fc")
     return names

@@ -19,12 +19,17 @@ from lightning.pytorch.callbacks import BaseFinetuning
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ecg_inception.models.backbone import head_names
+from ecg_inception.models.backbone import classifier_names, head_names
 
 log = logging.getLogger(__name__)
 
-#: Top-level timm modules that make up a classifier head (pooling, dropout, classifier).
-HEAD_MODULES = ("global_pool", "head_drop", "fc", "head", "fc_norm", "head_dist", "classifier", "pre_logits")
+#: Top-level head modules that timm's metadata does not name (the classifier itself comes from
+#: `pretrained_cfg['classifier']` and `get_classifier()`, see `head_modules`): the parameter-free pool and dropout
+#: before the classifier, ViT's `fc_norm` (a LayerNorm with `global_pool="avg"`) and VGG's `pre_logits` (a conv
+#: MLP). timm runs all four in `forward_head`, but neither `pretrained_cfg` nor `get_classifier()` names them, and
+#: `group_matcher` is no help: parameter-free modules have no parameters to group, and the modules it leaves
+#: unmatched differ by family (MobileNetV3's `conv_head`, Swin's `norm` belong to the trunk here).
+UNDESCRIBED_HEAD_MODULES = ("global_pool", "head_drop", "fc_norm", "pre_logits")
 #: Auxiliary heads: they train whenever they exist and never count as trunk blocks or layers.
 AUX_MODULES = ("AuxLogits",)
 FROZEN_RANDOM_MESSAGE = (
@@ -39,9 +44,15 @@ def _has_params(module: nn.Module, recurse: bool = True) -> bool:
 
 
 def head_modules(model: nn.Module) -> list[str]:
-    """Top-level names of the classifier head and aux heads (always trainable, never part of the trunk)."""
-    tops = {name.split(".", 1)[0] for name in head_names(model)}
-    names = [n for n, m in model.named_children() if (n in HEAD_MODULES or n in tops) and m is not None]
+    """Top-level names of the classifier head and aux heads (always trainable, never part of the trunk).
+
+    The top-level modules holding what timm's metadata names (`pretrained_cfg['classifier']`, the modules
+    `get_classifier()` returns, the aux head `AuxLogits`) and those of `UNDESCRIBED_HEAD_MODULES`, in
+    registration order, then an aux head that is not a direct child.
+    """
+    described = head_names(model) + classifier_names(model)
+    tops = {name.split(".", 1)[0] for name in described}
+    names = [n for n, m in model.named_children() if (n in UNDESCRIBED_HEAD_MODULES or n in tops) and m is not None]
     return names + [n for n in AUX_MODULES if getattr(model, n, None) is not None and n not in names]
 
 
