@@ -303,17 +303,25 @@ class GradualUnfreeze(BaseFinetuning):
         self.backbone_attr = backbone_attr
         self._trainer: pl.Trainer | None = None
 
-    # Lightning's own helpers (BaseFinetuning.freeze / make_trainable / unfreeze_and_add_param_group) are not used:
-    # each differs from what this callback must do, so the steps below stay custom:
-    # - freezing happens in EcgClassifier's constructor (apply_unfreeze), so freeze_before_training has nothing left;
-    # - make_trainable turns BatchNorm's track_running_stats on; here newly trainable BatchNorm leaves inference mode
-    #   (train(True)), the Keras trainable=True semantics frozen BatchNorm mirrors (docs/freezing.md);
-    # - unfreeze_and_add_param_group's default lr is the *current* lr / 10; here it is the *initial* lr x lr_factor,
-    #   so a schedule that has already decayed the first group does not decay the new one twice;
-    # - it neither sets the group's initial_lr nor extends the schedulers' base_lrs, which the LR schedulers need;
-    # - filter_on_optimizer detects parameters already in the optimizer by value (torch.equal), which drops distinct
-    #   parameters that merely hold equal values (zero-initialised BatchNorm biases of a random network); here by
-    #   identity (tests/test_freezing.py shows the difference).
+    # Lightning's helpers are used where they do the same thing as this callback, and only there
+    # (tests/test_gradual_unfreeze.py runs both side by side and checks each point below):
+    # - same: BaseFinetuning.make_trainable (requires_grad on every parameter of the blocks) and
+    #   BaseFinetuning.filter_params (the blocks' parameters, in the order Module.parameters() gives them).
+    #   make_trainable also sets BatchNorm's track_running_stats=True: a no-op here, since freezing never turns it off.
+    # - different, so custom:
+    #   - freezing happens in EcgClassifier's constructor (apply_unfreeze), so freeze_before_training has nothing
+    #     left to do;
+    #   - newly trainable BatchNorm leaves inference mode (train(True)), the Keras trainable=True semantics that
+    #     frozen BatchNorm mirrors (docs/freezing.md); Lightning's helper leaves the module's mode alone (it toggles
+    #     track_running_stats instead), so an unfrozen BatchNorm would keep normalising with frozen statistics;
+    #   - unfreeze_and_add_param_group's default lr is the *current* lr of the first group / 10; here it is the
+    #     *initial* lr x lr_factor, so a schedule that has already decayed the first group does not decay the new
+    #     one twice (with lr=... or initial_denom_lr=1/lr_factor it matches only while no scheduler has moved it);
+    #   - it neither sets the group's initial_lr nor extends the schedulers' base_lrs, which the LR schedulers need
+    #     to go on stepping every group;
+    #   - filter_on_optimizer detects parameters already in the optimizer by value (torch.equal), which drops
+    #     distinct parameters that merely hold equal values (zero-initialised BatchNorm biases of a random network);
+    #     here by identity.
     def freeze_before_training(self, pl_module: nn.Module) -> None:
         """Nothing to do: the module froze its trunk when it was constructed."""
 
@@ -335,10 +343,10 @@ class GradualUnfreeze(BaseFinetuning):
         backbone = getattr(pl_module, self.backbone_attr, pl_module)
         trunk = [m for _, m in backbone_blocks(backbone)]
         modules = [backbone] if target == "all" else trunk[len(trunk) - min(int(target), len(trunk)):]
+        self.make_trainable(modules)
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        fresh = [p for m in modules for p in m.parameters() if id(p) not in known]
+        fresh = list({id(p): p for p in self.filter_params(modules) if id(p) not in known}.values())
         for module in modules:
-            module.requires_grad_(True)
             for sub in module.modules():
                 if isinstance(sub, _BatchNorm):
                     sub.train(backbone.training)
@@ -346,7 +354,7 @@ class GradualUnfreeze(BaseFinetuning):
             return
         first = optimizer.param_groups[0]
         lr = float(first.get("initial_lr", first["lr"])) * self.lr_factor
-        optimizer.add_param_group({"params": list({id(p): p for p in fresh}.values()), "lr": lr, "initial_lr": lr})
+        optimizer.add_param_group({"params": fresh, "lr": lr, "initial_lr": lr})
         for config in getattr(self._trainer, "lr_scheduler_configs", []) or []:
             scheduler = config.scheduler
             if getattr(scheduler, "optimizer", None) is optimizer:
