@@ -425,3 +425,32 @@ def test_old_import_paths_warn_and_forward(old: str) -> None:
     name = "TrunkCachedDataModule" if old == "trunk_cache" else "DelegatingDataModule"
     with pytest.warns(DeprecationWarning, match=f"ecg_inception.features.{old}"):
         assert getattr(shim, name) is getattr(new, name)
+
+
+@pytest.mark.parametrize(("unfreeze", "used"), [("head", True), ("all", False)])
+def test_train_records_and_logs_the_trunk_cache_decision(
+    synthetic_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, unfreeze: str, used: bool
+) -> None:
+    """`train()` logs why it did (head-only freeze, no augmentation) or did not (everything trains) serve the tail
+    from the trunk cache, and metrics.json's `trunk_cache` key holds the cache's summary, or null."""
+    from conftest import compose_cfg, tiny_overrides
+
+    from ecg_inception.training import train
+
+    overrides = [*tiny_overrides(synthetic_root, tmp_path), f"model/unfreeze={unfreeze}", "model.trunk_cache=auto",
+                 "data.augment=false", "trainer.max_epochs=1", "model.calibrate=false", "plots=false",
+                 "callbacks.model_checkpoint=null", "callbacks.early_stopping=null"]  # fmt: skip
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="ecg_inception"):
+        warnings.simplefilter("ignore")  # a frozen random trunk warns: intended here, as in the tests above
+        metrics, _ = train(compose_cfg("train", overrides))
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "trunk_cache" in written and written["trunk_cache"] == metrics["trunk_cache"]
+    decisions = [r.getMessage() for r in caplog.records if r.name == "ecg_inception.features.trunk_cache"]
+    if used:
+        summary = written["trunk_cache"]
+        assert summary["boundary"] == HEAD and summary["views"] == 1 and summary["dtype"] == "float16"
+        assert set(summary["stored"]) >= {"train", "val"} and all(summary["built"].values())
+        assert any(m.startswith("trunk cache on: tail starts at") for m in decisions), decisions
+    else:
+        assert written["trunk_cache"] is None
+        assert any(m.startswith("trunk cache off: the first stage") for m in decisions), decisions
