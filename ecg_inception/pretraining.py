@@ -21,12 +21,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ecg_inception.callbacks import FiniteLoss
 from ecg_inception.distributed import is_rank_zero
-from ecg_inception.errors import ConfigValueError, TrainingDivergedError
+from ecg_inception.errors import ConfigValueError
 from ecg_inception.models.backbone import check_pretrained_available
 from ecg_inception.models.checkpoint import load_checkpoint
 from ecg_inception.models.multilabel import MultiLabelClassifier
 from ecg_inception.report import MetricsHistory, write_report
-from ecg_inception.run_setup import check_train_config, data_overrides_for_weights
+from ecg_inception.run_setup import check_train_config, data_overrides_for_weights, fit_with_status
 from ecg_inception.training import (
     _best_checkpoint,
     _scalar_metrics,
@@ -51,7 +51,9 @@ def pretrain(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
     Returns:
         `(metrics, objects)` as `training.train` returns them; `metrics["test"]["auroc_macro"]` is the fold-10
-        macro AUROC of the best-by-`val/auroc_macro` checkpoint.
+        macro AUROC of the best-by-`val/auroc_macro` checkpoint. A fit whose loss became non-finite returns
+        `status: diverged` (no scores); any other error of the fit is raised after metrics.json says
+        `status: failed` (`run_setup.fit_with_status`).
 
     Raises:
         ConfigValueError: the model is not multi-label.
@@ -92,16 +94,14 @@ def pretrain(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer, "history": history}
     base: dict[str, Any] = {"task": "multilabel", "pretraining": "ptbxl", "labels": list(datamodule.labels),
                             "seed": int(cfg.seed), "data": datamodule.describe()}
-    try:
-        trainer.fit(model=model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
-    except TrainingDivergedError as err:
-        log.error("%s", err)
-        metrics = {"status": "diverged", "error": str(err), **base, "epochs": int(trainer.current_epoch),
-                   "wall_time_s": round(time.perf_counter() - started, 2), "val": None, "test": None,
-                   "logged": _scalar_metrics(trainer)}
-        if is_rank_zero():
-            write_report(output_dir, metrics, history.rows, plots=False)
-        return metrics, objects
+    # A fit that does not finish leaves metrics.json with status diverged or failed, as in `training.train`.
+    stopped = fit_with_status(
+        lambda: trainer.fit(model=model, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None,
+                            weights_only=True),
+        output_dir, base, trainer, history, started,
+    )
+    if stopped is not None:
+        return stopped, objects
     logged = _scalar_metrics(trainer)
     best, eval_ckpt = _best_checkpoint(callbacks)
     trainer.validate(model=model, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False, weights_only=True)

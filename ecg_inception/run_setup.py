@@ -1,25 +1,29 @@
 """What `train` settles around the fit: the input-size check, where the normalisation comes from, the one-line summary
-of the files a split left out, and the report of a fit that did not finish."""
+of the files a split left out, and the status and report of a fit that did not finish (`fit_with_status`, shared
+with `pretraining.pretrain`)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from ecg_inception.data.datamodule import EcgDataModule
 from ecg_inception.data.settings import check_preprocessing
 from ecg_inception.data.split import Manifest, excluded_path
 from ecg_inception.distributed import is_rank_zero
-from ecg_inception.errors import CheckpointError, ConfigValueError
+from ecg_inception.errors import CheckpointError, ConfigValueError, TrainingDivergedError
 from ecg_inception.models.backbone import split_name
 from ecg_inception.models.module import check_image_size, to_plain
 from ecg_inception.report import MetricsHistory, write_report
+from ecg_inception.resume import SIGTERM_EXIT, preempted_message
 
 log = logging.getLogger(__name__)
 
@@ -102,19 +106,39 @@ def report_excluded(manifest: Manifest, manifest_path: str | Path) -> str | None
     return line
 
 
-def stopped_report(
-    output_dir: Path, status: str, err: BaseException, datamodule: EcgDataModule, trainer: pl.Trainer,
-    history: MetricsHistory, started: float,
-) -> dict[str, Any]:
-    """Write metrics.json of a fit that did not finish (status, error, where it stopped; no scores); returns it."""
+def split_description(datamodule: EcgDataModule) -> dict[str, Any]:
+    """What metrics.json says about a run's split: labels, protocol, leaky and counts (of its manifest)."""
     manifest = datamodule.manifest
-    metrics: dict[str, Any] = {
-        "status": status,
-        "error": f"{type(err).__name__}: {err}",
+    return {
         "labels": list(datamodule.labels),
         "protocol": manifest.protocol,
         "leaky": bool(manifest.leaky),
         "counts": manifest.counts(),
+    }
+
+
+def stopped_report(
+    output_dir: Path, status: str, err: BaseException, described: dict[str, Any], trainer: pl.Trainer,
+    history: MetricsHistory, started: float,
+) -> dict[str, Any]:
+    """Write metrics.json of a fit that did not finish (status, error, where it stopped; no scores); returns it.
+
+    Args:
+        output_dir: the run folder.
+        status: `diverged` or `failed`.
+        err: what stopped the fit.
+        described: what the report says about the run's data (`split_description`, or the pretraining set's).
+        trainer: the trainer of the fit (epoch, step, logged scalars).
+        history: the per-epoch rows logged so far.
+        started: `time.perf_counter()` at the start of the run.
+
+    Returns:
+        The metrics written.
+    """
+    metrics: dict[str, Any] = {
+        "status": status,
+        "error": f"{type(err).__name__}: {err}",
+        **described,
         "epochs": int(trainer.current_epoch),
         "step": int(getattr(err, "step", trainer.global_step)),
         "wall_time_s": round(time.perf_counter() - started, 2),
@@ -125,3 +149,43 @@ def stopped_report(
     if is_rank_zero():  # a distributed run's files are written once, by rank 0
         write_report(output_dir, metrics, history.rows, plots=False)
     return metrics
+
+
+def fit_with_status(
+    fit: Callable[[], Any], output_dir: Path, described: dict[str, Any], trainer: pl.Trainer,
+    history: MetricsHistory, started: float,
+) -> dict[str, Any] | None:
+    """Run `fit` (a `trainer.fit` call); a fit that does not finish still leaves a metrics.json with its status.
+
+    Args:
+        fit: runs the fit.
+        output_dir: the run folder.
+        described: what the report says about the run's data (see `stopped_report`).
+        trainer: the trainer `fit` uses.
+        history: the per-epoch rows (a callback of that trainer).
+        started: `time.perf_counter()` at the start of the run.
+
+    Returns:
+        None when the fit finished; the metrics of `status: diverged` when the loss became non-finite.
+
+    Raises:
+        SystemExit: `SIGTERM_EXIT` after SIGTERM (metrics.json: `failed`, naming where a resume starts).
+        Exception: any other error of the fit, re-raised once metrics.json says `failed`.
+    """
+    try:
+        fit()
+    except SIGTERMException:  # Lightning stops at the end of the batch that was running when SIGTERM came
+        err = RuntimeError(preempted_message(trainer, output_dir))
+        log.error("%s", err)
+        stopped_report(output_dir, "failed", err, described, trainer, history, started)
+        raise SystemExit(SIGTERM_EXIT) from None
+    except TrainingDivergedError as err:
+        log.error("%s", err)
+        return stopped_report(output_dir, "diverged", err, described, trainer, history, started)
+    except Exception as err:
+        try:
+            stopped_report(output_dir, "failed", err, described, trainer, history, started)
+        except OSError as report_err:  # a full disk: the run's own error is what matters
+            log.error("could not write the stopped run's metrics.json (%s)", report_err)
+        raise
+    return None

@@ -23,7 +23,6 @@ from hydra.utils import instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from ecg_inception.callbacks import BestWeights, FiniteLoss
@@ -31,7 +30,7 @@ from ecg_inception.data.datamodule import EcgDataModule
 from ecg_inception.data.settings import check_run_data
 from ecg_inception.data.whole_folder import check_folder, training_copies, write_whole_folder_manifest
 from ecg_inception.distributed import is_rank_zero
-from ecg_inception.errors import ConfigValueError, DatasetError, TrainingDivergedError
+from ecg_inception.errors import ConfigValueError, DatasetError
 from ecg_inception.features.trunk_cache import TrunkCachedDataModule, use_trunk_cache
 from ecg_inception.models.backbone import check_pretrained_available
 from ecg_inception.models.calibration import calibration_report, fit_temperature
@@ -41,7 +40,6 @@ from ecg_inception.models.pretrained import check_finetune_preprocessing, reinit
 from ecg_inception.report import MetricsHistory, write_report
 from ecg_inception.resume import (
     CHECKPOINT_FACTOR,
-    SIGTERM_EXIT,
     AtomicCheckpointIO,
     CSVLogger,
     RngState,
@@ -51,7 +49,6 @@ from ecg_inception.resume import (
     explicit_run_dir,
     finished_run,
     last_checkpoint_runs,
-    preempted_message,
     resolve_ckpt_path,
     resumed_step,
     state_bytes,
@@ -59,8 +56,9 @@ from ecg_inception.resume import (
 from ecg_inception.run_setup import (
     check_train_config,
     data_overrides_for_weights,
+    fit_with_status,
     report_excluded,
-    stopped_report,
+    split_description,
 )
 
 log = logging.getLogger(__name__)
@@ -333,22 +331,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # the previous last.ckpt
 
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer, "history": history}
-    try:
-        trainer.fit(model=model, datamodule=loaders, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
-    except SIGTERMException:  # Lightning stops at the end of the batch that was running when SIGTERM came
-        err = RuntimeError(preempted_message(trainer, output_dir))
-        log.error("%s", err)
-        stopped_report(output_dir, "failed", err, datamodule, trainer, history, started)
-        raise SystemExit(SIGTERM_EXIT) from None
-    except TrainingDivergedError as err:
-        log.error("%s", err)
-        return stopped_report(output_dir, "diverged", err, datamodule, trainer, history, started), objects
-    except Exception as err:
-        try:
-            stopped_report(output_dir, "failed", err, datamodule, trainer, history, started)
-        except OSError as report_err:  # a full disk: the run's own error is what matters
-            log.error("could not write the stopped run's metrics.json (%s)", report_err)
-        raise
+    stopped = fit_with_status(
+        lambda: trainer.fit(model=model, datamodule=loaders, ckpt_path=str(ckpt) if ckpt else None,
+                            weights_only=True),
+        output_dir, split_description(datamodule), trainer, history, started,
+    )
+    if stopped is not None:
+        return stopped, objects
     logged = _scalar_metrics(trainer)
     best, eval_ckpt = _best_checkpoint(callbacks)
     trainer.validate(model=model, datamodule=loaders, ckpt_path=eval_ckpt, verbose=False, weights_only=True)

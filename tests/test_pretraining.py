@@ -143,6 +143,31 @@ def test_pretrain_resume_then_finetune_and_mismatch(ptbxl_root: Path, synthetic_
     assert "backbone.Conv2d_1a_3x3.conv.weight" in pre_sd
 
 
+def test_a_pretraining_fit_that_stops_records_its_status(ptbxl_root: Path, tmp_path: Path, one_thread: None,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any error in the fit leaves metrics.json with status failed (then is raised), a non-finite loss status
+    diverged, as in `train`. Before the fix only TrainingDivergedError was caught: a failed fit wrote nothing."""
+    base = ["experiment=pretrain_ptbxl", f"data.root={ptbxl_root}", f"data.image_size={SIZE}", "data.batch_size=8",
+            "data.num_workers=0", "trainer.max_epochs=1"]
+
+    def broken(self, batch, batch_idx):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(MultiLabelClassifier, "training_step", broken)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        train(compose_cfg("train", [*base, *quiet(tmp_path, "failed")]))
+    saved = json.loads((tmp_path / "failed" / "metrics.json").read_text())
+    assert saved["status"] == "failed" and saved["error"] == "RuntimeError: disk on fire"
+    assert saved["task"] == "multilabel" and saved["labels"] == list(SUPERCLASSES)
+    assert saved["val"] is None and saved["test"] is None
+
+    monkeypatch.undo()
+    monkeypatch.setattr(MultiLabelClassifier, "compute_loss", lambda self, logits, aux, target: logits.sum() * np.nan)
+    metrics, _ = train(compose_cfg("train", [*base, *quiet(tmp_path, "diverged")]))
+    saved = json.loads((tmp_path / "diverged" / "metrics.json").read_text())
+    assert metrics["status"] == saved["status"] == "diverged"
+    assert saved["error"].startswith("TrainingDivergedError: training diverged") and saved["step"] == 1
+
 def test_finetune_loads_the_trunk_and_resets_heads(ptbxl_root: Path, tmp_path: Path) -> None:
     """The weight path alone (no training): a pretraining-shaped checkpoint into a 4-class model."""
     from ecg_inception.models.module import EcgClassifier
