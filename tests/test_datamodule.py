@@ -345,3 +345,53 @@ def test_page_datasets_outside_data_scope_the_thread_count_like_ecg_image_datase
         with pytest.raises(RuntimeError), torch_threads(3):
             raise RuntimeError("restored on error too")
         assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"protocol": "random"}, "unknown protocol 'random'; expected one of leakfree, paper"),
+    ({"fractions": [0.5, 0.5]}, "fractions must be 3 numbers >= 0 summing to 1 with train > 0, got [0.5, 0.5]"),
+    ({"resize": "stretch"}, "unknown resize 'stretch'; expected one of squash, letterbox"),
+    ({"augment_kind": "flip"}, "unknown augment_kind 'flip'; expected one of ecg, shift, paper, none"),
+    ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ({"image_size": 1}, "image_size must be at least 8 pixels on each side, got 1"),
+    ({"image_size": [1, 2, 3]}, "image_size must be an int or [height, width] of two ints, got [1, 2, 3]"),
+    ({"mean": [1, 2]}, "mean must be 3 numbers (std > 0), got [1, 2]"),
+    ({"std": [1, 0, 1]}, "std must be 3 numbers (std > 0), got [1, 0, 1]"),
+])  # fmt: skip
+def test_bad_constructor_values_are_config_value_errors(kwargs: dict, message: str) -> None:
+    """The constructor's checks raise ConfigValueError (still a ValueError), with the message they always had."""
+    from ecg_inception.errors import ConfigValueError
+
+    with pytest.raises(ConfigValueError) as info:
+        EcgDataModule(**kwargs)
+    assert isinstance(info.value, ValueError) and str(info.value) == message
+
+
+def test_constructor_steps_set_the_documented_attributes() -> None:
+    """The constructor is a sequence of named steps; together they set what the one long body did."""
+    dm = EcgDataModule(protocol="paper", seed="3", fractions=OmegaConf.create([0.6, 0.2, 0.2]), batch_size=7.0,
+                       num_workers=2, image_size=OmegaConf.create([64, 128]), mean=[0.1, 0.2, 0.3], cache_dir="~/c",
+                       interpolation="bilinear")  # fmt: skip
+    assert (dm.protocol, dm.seed, dm.fractions, dm.crop, dm.augment_kind) == ("paper", 3, (0.6, 0.2, 0.2), False, "paper")
+    assert (dm.batch_size, dm.num_workers, dm.persistent_workers, dm.drop_last) == (7, 2, True, False)
+    assert dm.image_size == [64, 128] and dm.normalisation == {"mean": [0.1, 0.2, 0.3], "interpolation": "bilinear"}
+    assert dm.cache_root == Path("~/c").expanduser() and dm.decoded_cache and dm.make_default_root is None
+    assert dm._manifest is None and dm._datasets == {} and dm._train_generator is None  # nothing read or built
+    assert EcgDataModule(crop=True, protocol="paper").crop is True and EcgDataModule().crop is True
+
+
+def test_cli_prints_a_bad_data_value_alone_and_exits_2(synthetic_root: Path, tmp_path: Path) -> None:
+    """`ecg-inception-train data.batch_size=0`: the datamodule's ConfigValueError is the last stderr line, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import tiny_overrides
+
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    args = [*tiny_overrides(synthetic_root, tmp_path), "data.batch_size=0"]
+    proc = subprocess.run([sys.executable, "-m", "ecg_inception.cli.train", *args], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=600)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == "ecg-inception-train: error: batch_size must be >= 1, got 0"
+    assert "Traceback" not in proc.stderr

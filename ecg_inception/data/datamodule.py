@@ -50,9 +50,26 @@ from ecg_inception.data.transforms import (
     resolve_data_config,
     size_value,
 )
-from ecg_inception.errors import CheckpointError, DatasetError, ManifestError
+from ecg_inception.errors import (
+    CheckpointError,
+    ConfigValueError,
+    DatasetError,
+    EcgInceptionError,
+    ManifestError,
+)
 
 log = logging.getLogger(__name__)
+
+
+def _config_checked(check: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`check(*args, **kwargs)`, with a plain ValueError (a shared check's) raised as ConfigValueError, same message."""
+    try:
+        return check(*args, **kwargs)
+    except EcgInceptionError:
+        raise
+    except ValueError as exc:
+        raise ConfigValueError(str(exc)) from exc
+
 
 def default_num_workers() -> int:
     """DataLoader workers when none are given: min(4, usable CPUs - 1), at least 0."""
@@ -98,8 +115,9 @@ class EcgDataModule(L.LightningDataModule):
         interpolation: resize interpolation; None: the timm config of `model_name`.
 
     Raises:
-        ValueError: an unknown protocol, resize or augment_kind, a batch size below 1, bad fractions or a bad
-            image size (named in the message).
+        ConfigValueError: an unknown protocol, resize or augment_kind, a batch size below 1, bad fractions, a bad
+            image size or bad normalisation (named in the message; a ValueError too, and the CLIs print it alone
+            and exit 2).
         DatasetError: `root` does not exist or is unusable, or is None without `make_default_root` (at `setup`).
         ManifestError: `split_manifest` does not fit the data (at `setup`).
     """
@@ -135,29 +153,91 @@ class EcgDataModule(L.LightningDataModule):
         interpolation: str | None = None,
     ) -> None:
         super().__init__()
-        defaults = protocol_defaults(protocol)  # an unknown protocol fails here
+        crop_default = self._configure_split(
+            root, protocol, split_manifest, seed, fractions, balance, balance_stage, manifest_out
+        )
+        self._configure_loaders(batch_size, num_workers, pin_memory, persistent_workers, drop_last)
+        self._configure_preprocessing(
+            model_name, image_size, resize, crop_default if crop is None else crop, ink, mean, std, interpolation
+        )
+        self._configure_augmentation(augment, augment_kind)
+        self._configure_sources(cache_dir, decoded_cache, synthetic_per_class, make_default_root)
+        self._validate()
+        self._init_state()
+
+    # -- construction steps (each sets the attributes of one concern; `_validate` checks them together) ---------
+
+    def _configure_split(
+        self, root: str | None, protocol: str, split_manifest: str | None, seed: int, fractions: Sequence[float],
+        balance: str | None, balance_stage: str | None, manifest_out: str | None,
+    ) -> bool:  # fmt: skip
+        """Where the images are and how they are split.
+
+        Args:
+            root: the image folder; None: the folder `make_default_root` makes (see `_configure_sources`).
+            protocol: `leakfree` or `paper`.
+            split_manifest: a `splits.csv` to reuse exactly.
+            seed: the split seed (also the synthetic set's and the loaders' seed).
+            fractions: train, val and test fractions.
+            balance: `undersample`, `class_weights`, `none` or None (the protocol's default).
+            balance_stage: `before_split`, `train` or None (the protocol's default).
+            manifest_out: where to write the manifest too.
+
+        Returns:
+            The protocol's default for `crop`.
+
+        Raises:
+            ConfigValueError: an unknown protocol or bad fractions.
+        """
+        defaults = _config_checked(protocol_defaults, protocol)  # an unknown protocol fails here
         self.root = None if root is None else str(root)
         self.protocol = protocol
         self.split_manifest = None if split_manifest is None else str(split_manifest)
         self.seed = int(seed)
-        self.fractions = check_fractions(from_omegaconf(fractions))
+        self.fractions = _config_checked(check_fractions, from_omegaconf(fractions))
         self.balance, self.balance_stage = balance, balance_stage
+        self.manifest_out = None if manifest_out is None else str(manifest_out)
+        return defaults.crop
+
+    def _configure_loaders(
+        self, batch_size: int, num_workers: int | None, pin_memory: bool | None, persistent_workers: bool | None,
+        drop_last: bool,
+    ) -> None:  # fmt: skip
+        """How the DataLoaders batch and load.
+
+        Args:
+            batch_size: batch size of every loader (checked by `_validate`).
+            num_workers: DataLoader workers; None: `default_num_workers()`.
+            pin_memory: None: on when CUDA is available.
+            persistent_workers: None: on when there are workers.
+            drop_last: drop the last incomplete train batch.
+        """
         self.batch_size = int(batch_size)
         self.num_workers = default_num_workers() if num_workers is None else int(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.persistent_workers = (
             self.num_workers > 0 if persistent_workers is None else bool(persistent_workers)
         )
-        self.model_name, self.image_size, self.resize = model_name, from_omegaconf(image_size), resize
-        self.crop = defaults.crop if crop is None else bool(crop)
-        self.augment = bool(augment)
-        self.augment_kind = augment_kind if augment_kind is not None else ("paper" if protocol == "paper" else "ecg")
         self.drop_last = bool(drop_last)
-        self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        self.decoded_cache = bool(decoded_cache)
-        self.manifest_out = None if manifest_out is None else str(manifest_out)
-        self.synthetic_per_class = int(synthetic_per_class)
-        self.make_default_root = make_default_root
+
+    def _configure_preprocessing(
+        self, model_name: str, image_size: int | Sequence[int] | None, resize: str, crop: bool, ink: bool,
+        mean: Sequence[float] | None, std: Sequence[float] | None, interpolation: str | None,
+    ) -> None:  # fmt: skip
+        """What every split does to a page before the model sees it (what `preprocessing` records).
+
+        Args:
+            model_name: the timm model whose pretrained config gives the defaults below.
+            image_size: an int, [height, width] or None (checked by `_validate`).
+            resize: `squash` or `letterbox` (checked by `_validate`).
+            crop: crop to the grid box (the protocol's default already applied).
+            ink: remove the grid and thicken the trace before resizing.
+            mean: normalisation mean, or None for the timm config's.
+            std: normalisation std, or None for the timm config's.
+            interpolation: resize interpolation, or None for the timm config's.
+        """
+        self.model_name, self.image_size, self.resize = model_name, from_omegaconf(image_size), resize
+        self.crop = bool(crop)
         self.ink = bool(ink)
         # Normalisation given explicitly (a checkpoint's stored values) wins over the timm config's.
         self.normalisation = {
@@ -165,7 +245,60 @@ class EcgDataModule(L.LightningDataModule):
                               ("interpolation", interpolation))
             if v is not None
         }  # fmt: skip
-        self._validate()
+
+    def _configure_augmentation(self, augment: bool, augment_kind: str | None) -> None:
+        """Train-time augmentation.
+
+        Args:
+            augment: on or off.
+            augment_kind: `ecg`, `shift`, `paper` or `none`; None: `paper` for the paper protocol, else `ecg`
+                (checked by `_validate`).
+        """
+        self.augment = bool(augment)
+        self.augment_kind = (
+            augment_kind if augment_kind is not None else ("paper" if self.protocol == "paper" else "ecg")
+        )
+
+    def _configure_sources(
+        self, cache_dir: str | None, decoded_cache: bool, synthetic_per_class: int,
+        make_default_root: Callable[[Path, int, int], Path] | None,
+    ) -> None:  # fmt: skip
+        """Where caches live and where the default set comes from.
+
+        Args:
+            cache_dir: root of the caches; None: `default_cache_dir()`.
+            decoded_cache: keep preprocessed images between epochs and runs.
+            synthetic_per_class: printouts per class of the synthetic default set.
+            make_default_root: the maker of the default folder when `root` is None.
+        """
+        self.cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        self.decoded_cache = bool(decoded_cache)
+        self.synthetic_per_class = int(synthetic_per_class)
+        self.make_default_root = make_default_root
+
+    def _validate(self) -> None:
+        """Refuse unknown modes, a batch size below 1, a bad image size or bad normalisation, naming the value.
+
+        Raises:
+            ConfigValueError: the first value that is not allowed (a ValueError too).
+        """
+        if self.resize not in RESIZE_MODES:
+            raise ConfigValueError(f"unknown resize {self.resize!r}; expected one of {', '.join(RESIZE_MODES)}")
+        if self.augment_kind not in AUGMENT_KINDS:
+            raise ConfigValueError(
+                f"unknown augment_kind {self.augment_kind!r}; expected one of {', '.join(AUGMENT_KINDS)}"
+            )
+        if self.batch_size < 1:
+            raise ConfigValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.image_size is not None:  # a bad size fails here, naming the value
+            _config_checked(parse_image_size, self.image_size, minimum=MIN_IMAGE_SIZE)
+        for key in ("mean", "std"):
+            value = self.normalisation.get(key)
+            if value is not None and (len(value) != 3 or (key == "std" and min(value) <= 0)):
+                raise ConfigValueError(f"{key} must be 3 numbers (std > 0), got {value}")
+
+    def _init_state(self) -> None:
+        """What `setup` and the loaders fill in later: nothing is read or built in the constructor."""
         self._root: Path | None = None
         self._manifest: Manifest | None = None
         # The train loader's shuffle generator, kept in checkpoints (state_dict) for an exact resume.
@@ -174,23 +307,6 @@ class EcgDataModule(L.LightningDataModule):
         self._config: DataConfig | None = None
         self._datasets: dict[str, EcgImageDataset] = {}
         self._corrupt_logged = 0  # corrupt decoded-cache entries already reported by `teardown`
-
-    def _validate(self) -> None:
-        """Refuse unknown modes, a batch size below 1, a bad image size or bad normalisation, naming the value."""
-        if self.resize not in RESIZE_MODES:
-            raise ValueError(f"unknown resize {self.resize!r}; expected one of {', '.join(RESIZE_MODES)}")
-        if self.augment_kind not in AUGMENT_KINDS:
-            raise ValueError(
-                f"unknown augment_kind {self.augment_kind!r}; expected one of {', '.join(AUGMENT_KINDS)}"
-            )
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.image_size is not None:
-            parse_image_size(self.image_size, minimum=MIN_IMAGE_SIZE)  # a bad size fails here, naming the value
-        for key in ("mean", "std"):
-            value = self.normalisation.get(key)
-            if value is not None and (len(value) != 3 or (key == "std" and min(value) <= 0)):
-                raise ValueError(f"{key} must be 3 numbers (std > 0), got {value}")
 
     # -- data preparation -------------------------------------------------------------------------
 
