@@ -213,6 +213,20 @@ def test_missing_checkpoint_names_the_path(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "nope.ckpt")
 
 
+def test_load_checkpoint_checks_the_top_level_temperature(tmp_path: Path) -> None:
+    """Before the fix only `hyper_parameters` were checked: a NaN or non-numeric temperature beside them loaded."""
+    module = EcgClassifier(pretrained=False, aux_logits=False, unfreeze={"blocks": "all"})
+    base = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    path = tmp_path / "t.ckpt"
+    torch.save({**base, "temperature": 2.0}, path)
+    assert load_checkpoint(path)["temperature"] == 2.0
+    torch.save(base, path)
+    assert "temperature" not in load_checkpoint(path)  # older checkpoints: none stored (1.0 when loaded)
+    for bad in (float("nan"), float("inf"), -0.5, "1.5", None, [1.0]):
+        torch.save({**base, "temperature": bad}, path)
+        with pytest.raises(CheckpointError, match=r"t\.ckpt: not a valid ecg_inception checkpoint .*temperature"):
+            load_checkpoint(path)
+
 # ------------------------------------------------------------------------------------ weights_only everywhere
 def _unsafe_loads(path: Path) -> list[str]:
     """Calls in `path` that read a checkpoint without weights_only=True: torch.load, load_from_checkpoint and

@@ -193,6 +193,39 @@ def test_val_acc_best_survives_a_checkpoint_round_trip() -> None:
         assert not fresh.val_acc_best.update_called
 
 
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, 0.0, "2", True])
+def test_a_bad_stored_temperature_is_a_checkpoint_error_checked_once(bad, tmp_path) -> None:
+    """Before the fix on_load_checkpoint checked the temperature twice, the first time outside its try block: a
+    bad value raised a plain ValueError on the trainer.fit(ckpt_path=...) resume path, not a CheckpointError."""
+    from ecg_inception.errors import CheckpointError
+
+    class Counted(float):
+        """A stored temperature that counts how often it is read as a float (once per check)."""
+
+        reads = 0
+
+        def __float__(self) -> float:
+            Counted.reads += 1
+            return float.__float__(self)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = EcgClassifier(pretrained=False, aux_logits=False, unfreeze={"blocks": "all"})
+        module.on_load_checkpoint({"state_dict": {}, "temperature": Counted(1.5)})
+        assert module.temperature == 1.5 and Counted.reads == 1
+        with pytest.raises(CheckpointError, match="the stored temperature: temperature must be a"):
+            module.on_load_checkpoint({"state_dict": {}, "temperature": bad})
+        if bad != bad:  # nan: the resume path itself, through Lightning, once (the fit is the slow part)
+            trainer = _trainer(tmp_path, limit_train_batches=0, limit_val_batches=0)  # no step: only a checkpoint
+            trainer.fit(module, _loader(2, 75, 0))
+            path = tmp_path / "last.ckpt"
+            trainer.save_checkpoint(path)
+            torch.save({**torch.load(path, map_location="cpu", weights_only=True), "temperature": bad}, path)
+            resumed = EcgClassifier(pretrained=False, aux_logits=False, unfreeze={"blocks": "all"})
+            with pytest.raises(CheckpointError, match="temperature must be a finite number > 0, got nan"):
+                _trainer(tmp_path, max_epochs=2, limit_val_batches=0).fit(resumed, _loader(2, 75, 0), ckpt_path=path,
+                                                                          weights_only=True)
+
 def test_image_size_below_the_trunk_minimum_names_image_size() -> None:
     """Before the fix 10 px passed every check and crashed in a convolution at the first step."""
     from ecg_inception.errors import ConfigValueError

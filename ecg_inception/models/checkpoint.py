@@ -4,7 +4,8 @@ A checkpoint is data. It is read with `torch.load(weights_only=True)` (tensors, 
 values only: no object of the file's choosing is ever built), and its `hyper_parameters` are checked
 against a schema before anything uses them: plain values only, a timm model name, a preprocessing dict
 of allowed values (`data.settings.check_preprocessing`), safe `compile` options, optimizer/scheduler
-descriptions that are names (resolved later through an allow-list of torch classes, never imported).
+descriptions that are names (resolved later through an allow-list of torch classes, never imported); the
+top-level `temperature` must be a finite number > 0.
 Whatever is wrong (unreadable, empty, not a checkpoint, not ours, unsafe content) becomes one
 `CheckpointError("<path>: not a valid ecg_inception checkpoint (<reason>)")`; torch's advice to retry
 with `weights_only=False` never reaches the user.
@@ -25,8 +26,11 @@ import torch
 
 from ecg_inception.data.settings import MODEL_NAME, check_preprocessing
 from ecg_inception.errors import CheckpointError, ConfigValueError
+from ecg_inception.models.calibration import check_temperature
 
 HPARAMS_KEY = "hyper_parameters"
+#: The top-level entry holding the fitted temperature (beside `hyper_parameters`, not in it).
+TEMPERATURE_KEY = "temperature"
 _PLAIN = (bool, int, float, str, type(None))
 #: torch.compile keyword arguments a checkpoint may carry, with their allowed values (no `options`:
 #: inductor options name compilers and paths; no custom backends).
@@ -129,6 +133,28 @@ def check_hparams(hparams: Any, path: str | Path) -> dict[str, Any]:
     return out
 
 
+def stored_temperature(checkpoint: Mapping[str, Any], path: str | Path) -> float:
+    """The checkpoint's top-level `temperature` entry (written by `training.store_temperature`), checked.
+
+    Args:
+        checkpoint: the checkpoint dict.
+        path: the checkpoint, for the error message.
+
+    Returns:
+        The temperature; 1.0 (unscaled) when the checkpoint has none.
+
+    Raises:
+        CheckpointError: the value is not a finite number > 0 (a string or a bool is not a number here).
+    """
+    value, source = checkpoint.get(TEMPERATURE_KEY, 1.0), f"the stored {TEMPERATURE_KEY}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CheckpointError(path, f"{source}: temperature must be a number, got {value!r}")
+    try:
+        return check_temperature(value, source)
+    except ValueError as exc:
+        raise CheckpointError(path, str(exc)) from None
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """Read and check an ecg_inception (Lightning) checkpoint without running any code from it.
 
@@ -137,8 +163,9 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
         map_location: passed to `torch.load` (default: everything on the CPU).
 
     Returns:
-        The checkpoint dict; `state_dict` maps names to tensors and `hyper_parameters` has passed
-        `check_hparams` (its checked copy replaces the loaded one).
+        The checkpoint dict; `state_dict` maps names to tensors, `hyper_parameters` has passed
+        `check_hparams` (its checked copy replaces the loaded one) and a top-level `temperature`
+        `stored_temperature`.
 
     Raises:
         CheckpointError: the file is missing, empty, unreadable, not a checkpoint, not an EcgClassifier
@@ -168,4 +195,6 @@ def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     if HPARAMS_KEY not in checkpoint:
         raise CheckpointError(path, f"no {HPARAMS_KEY}: not saved by an EcgClassifier")
     checkpoint[HPARAMS_KEY] = check_hparams(checkpoint[HPARAMS_KEY], path)
+    if TEMPERATURE_KEY in checkpoint:
+        checkpoint[TEMPERATURE_KEY] = stored_temperature(checkpoint, path)
     return checkpoint

@@ -28,8 +28,7 @@ from ecg_inception.data.settings import check_preprocessing
 from ecg_inception.data.transforms import check_preprocessing_version, parse_image_size
 from ecg_inception.errors import CheckpointError, ConfigValueError, EcgInceptionError, PretrainedWeightsError
 from ecg_inception.models.backbone import create_backbone, head_names
-from ecg_inception.models.calibration import check_temperature
-from ecg_inception.models.checkpoint import load_checkpoint
+from ecg_inception.models.checkpoint import load_checkpoint, stored_temperature
 from ecg_inception.models.freezing import (
     GradualUnfreeze,
     apply_unfreeze,
@@ -527,17 +526,14 @@ class EcgClassifier(pl.LightningModule):
         without it (older, or weights-only) leaves the metric empty.
         """
         self._check_class_count(checkpoint.get("state_dict", {}), "the checkpoint")
-        self.temperature = check_temperature(checkpoint.get("temperature", 1.0), "the checkpoint")
         best = checkpoint.get(VAL_ACC_BEST_KEY)
         self.val_acc_best.reset()
         if best is not None:
             if isinstance(best, bool) or not isinstance(best, (int, float)) or not math.isfinite(best):
                 raise CheckpointError("checkpoint", f"{VAL_ACC_BEST_KEY} is not a finite number: {best!r}")
             self.val_acc_best.update(torch.tensor(float(best)))
-        try:
-            self.temperature = check_temperature(checkpoint.get("temperature", 1.0), "temperature")
-        except ValueError as exc:
-            raise CheckpointError("checkpoint", str(exc)) from exc
+        # Checked here too: trainer.fit(ckpt_path=...) reads the file without load_checkpoint.
+        self.temperature = stored_temperature(checkpoint, "checkpoint")
         self._weights_from_checkpoint = True
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
