@@ -71,8 +71,7 @@ def test_multilabel_report_matches_sklearn_on_a_random_case() -> None:
     n, labels = 64, ["a", "b", "c", "d", "e"]
     targets = (rng.random((n, len(labels))) < [0.5, 0.2, 0.7, 0.1, 0.0]).astype(np.float32)
     scores = targets * [1.0, 1.5, 0.8, 1.2, 1.0] + rng.normal(0.0, 1.0, targets.shape)
-    # Quarter steps: many tied scores within each label; none exactly 0 (probability 0.5), where the report's
-    # F1 (torchmetrics: p > 0.5) and accuracy (p >= 0.5) would count a page differently.
+    # Quarter steps: many tied scores within each label (exactly 0 is tested on its own below).
     logits = np.round(scores * 4) / 4 + 0.125
     report = multilabel_report(torch.tensor(logits), torch.tensor(targets), labels)
     qualifying = [k for k in range(len(labels)) if 0 < targets[:, k].sum() < n]
@@ -89,6 +88,17 @@ def test_multilabel_report_matches_sklearn_on_a_random_case() -> None:
         f1_score(targets.astype(int), predicted, average="macro", zero_division=0), abs=1e-6)
     assert report["accuracy"] == pytest.approx(accuracy_score(targets.astype(int), predicted), abs=1e-9)
     assert report["n"] == n and [report["per_label"][x]["positives"] for x in labels] == targets.sum(0).tolist()
+
+
+def test_a_probability_of_exactly_one_half_is_not_predicted_for_f1_and_accuracy_alike() -> None:
+    """Logit 0 (p = 0.5) is "not predicted" for F1 (torchmetrics: p > threshold) and so for accuracy too (was p >= 0.5,
+    which scored the same page as predicted there: accuracy 0 where F1 saw no prediction)."""
+    logits = torch.tensor([[0.0, -1.0], [0.0, 2.0], [1.0, 0.0]])
+    targets = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    report = multilabel_report(logits, targets, ["a", "b"])
+    assert report["f1_macro"] == 1.0  # every positive found, nothing predicted that is not there
+    assert report["accuracy"] == 1.0
+
 
 def test_pages_are_redrawn_for_training_and_fixed_for_evaluation(ptbxl_root: Path, tmp_path: Path) -> None:
     dm = PtbxlDataModule(str(ptbxl_root), image_size=[80, 160], num_workers=0, cache_dir=str(tmp_path))

@@ -29,7 +29,8 @@ def multilabel_report(logits: torch.Tensor, targets: torch.Tensor, labels: list[
     """Plain-valued report of one split: BCE loss, per-label and macro AUROC, macro F1 at 0.5, exact-match accuracy.
 
     Labels without both classes in `targets` get AUROC None and are left out of the macro mean (None when no
-    label qualifies).
+    label qualifies). A label counts as predicted when its probability is above 0.5, for F1 and accuracy alike
+    (torchmetrics' rule), so a probability of exactly 0.5 is "not predicted" in both.
     """
     logits, targets = logits.float(), targets.float()
     t = targets.round().int()
@@ -54,7 +55,7 @@ def multilabel_report(logits: torch.Tensor, targets: torch.Tensor, labels: list[
         "loss": float(F.binary_cross_entropy_with_logits(logits, targets)) if len(t) else None,
         "auroc_macro": float(sum(aurocs) / len(aurocs)) if aurocs else None,
         "f1_macro": float(f1.mean()) if f1 is not None else None,
-        "accuracy": float(((probs >= 0.5).int() == t).all(dim=1).float().mean()) if len(t) else None,
+        "accuracy": float(((probs > 0.5).int() == t).all(dim=1).float().mean()) if len(t) else None,
         "per_label": per_label,
     }
 
