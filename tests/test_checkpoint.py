@@ -14,14 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import compose_cfg, tiny_overrides
 
 from ecg_inception.errors import CheckpointError, ConfigValueError
 from ecg_inception.models.checkpoint import load_checkpoint
 from ecg_inception.models.module import EcgClassifier, register_optimizer
 from ecg_inception.training import evaluate, train
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import compose_cfg, tiny_overrides  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+from conftest import run_cli, tiny_sweep_args
 from hydra.utils import instantiate
-from test_sweep_summary import run_cli, tiny_sweep_args
 
 from ecg_inception.core.compose import compose_config
 

@@ -12,20 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
+from conftest import compose_cfg, run_cli, tiny_sweep_args
 from omegaconf import OmegaConf
-from test_sweep_summary import run_cli, tiny_sweep_args
 
 from ecg_inception.distributed import relaunch_argv
 
 RANK0_FILES = ("config.yaml", "splits.csv", "metrics.json")
-
-
-def _compose(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="ecg_inception.conf", version_base="1.3"):
-        return compose(config_name="train", overrides=[*overrides, "paths.output_dir=/tmp/unused"])
 
 
 @pytest.mark.parametrize(
@@ -37,7 +29,8 @@ def _compose(overrides: list[str]):
     ],
 )
 def test_ddp_follows_the_accelerator(overrides: list[str], sync_bn: bool, precision: str) -> None:
-    trainer = OmegaConf.to_container(_compose(overrides).trainer, resolve=True)
+    cfg = compose_cfg("train", [*overrides, "paths.output_dir=/tmp/unused"])  # trainer.default_root_dir needs one
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert trainer["strategy"] == "ddp"
     assert trainer["sync_batchnorm"] is sync_bn and trainer["precision"] == precision
 
@@ -61,9 +54,7 @@ def test_ranks_other_than_zero_write_no_run_files(synthetic_root: Path, tmp_path
 
     from ecg_inception.training import train
 
-    args = [a for a in tiny_sweep_args(synthetic_root, tmp_path) if not a.startswith("data.root")]
-    cfg = _compose([f"data.root={synthetic_root}", *args])
-    cfg.paths.output_dir = str(tmp_path / "run")
+    cfg = compose_cfg("train", [*tiny_sweep_args(synthetic_root, tmp_path), f"paths.output_dir={tmp_path / 'run'}"])
     monkeypatch.setattr(rank_zero_only, "rank", 1)
     metrics, _ = train(cfg)
     assert metrics["test"]["accuracy"] is not None

@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import SCALE_MAX_ABS_DIFF, SCALE_MIN_TRACE_IOU, SCALE_SIZE, scale_agreement
 from PIL import Image
 
 from ecg_inception.data.crop import CropBox, detect_grid_box
@@ -31,13 +32,6 @@ from ecg_inception.synthetic import printout
 from ecg_inception.synthetic.printout import PX_PER_MM, render_page
 
 LABELS = ("myocardial_infarction", "history_of_mi", "abnormal_heartbeat", "normal")
-SIZE = [128, 256]
-# Agreement of two model inputs of one page (ink, [128, 256]), the same bound for synthetic pages at any
-# scale and for the real originals vs their half-resolution twins (tests/test_scale_invariance.py).
-# Measured (new preprocessing): synthetic 0.5x / 1.5x vs 1x, 8 pages: mean abs diff <= 3.0 / 1.8, trace IoU
-# >= 0.77 / 0.85; real pairs: <= 3.9, >= 0.74. The old preprocessing gave the real pairs 50-54.
-MAX_ABS_DIFF = 5.0
-MIN_TRACE_IOU = 0.7
 
 
 def page(seed: int, scale: float, hue: str | None = None, monkeypatch: pytest.MonkeyPatch | None = None) -> Image.Image:
@@ -47,12 +41,7 @@ def page(seed: int, scale: float, hue: str | None = None, monkeypatch: pytest.Mo
 
 
 def model_input(img: Image.Image) -> torch.Tensor:
-    return preprocess(img, detect_grid_box(img), SIZE, ink=True)[0].float()
-
-
-def agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    ta, tb = a < 128, b < 128
-    return float((a - b).abs().mean()), float((ta & tb).sum() / (ta | tb).sum())
+    return preprocess(img, detect_grid_box(img), SCALE_SIZE, ink=True)[0].float()
 
 
 @pytest.mark.parametrize("scale", [0.35, 0.5, 1.0, 1.5, 2.0])
@@ -82,15 +71,15 @@ def test_faded_grid_and_jpeg_keep_the_input(monkeypatch: pytest.MonkeyPatch) -> 
     for keep in (0.3, 1.6):  # a faded grid (30 % of its colour) and a stronger one
         faded = np.where(light, 255 - (255 - arr) * keep, arr)
         variant = Image.fromarray(np.clip(faded, 0, 255).astype(np.uint8))
-        mad, iou = agreement(model_input(variant), ref)
-        assert mad <= MAX_ABS_DIFF and iou >= MIN_TRACE_IOU, keep
+        mad, iou = scale_agreement(model_input(variant), ref)
+        assert mad <= SCALE_MAX_ABS_DIFF and iou >= SCALE_MIN_TRACE_IOU, keep
     for quality in (30, 60, 90):
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=quality)
         buf.seek(0)
         with Image.open(buf) as dec:
-            mad, iou = agreement(model_input(dec.convert("RGB")), ref)
-        assert mad <= MAX_ABS_DIFF and iou >= MIN_TRACE_IOU, quality
+            mad, iou = scale_agreement(model_input(dec.convert("RGB")), ref)
+        assert mad <= SCALE_MAX_ABS_DIFF and iou >= SCALE_MIN_TRACE_IOU, quality
 
 
 def test_synthetic_page_at_three_scales_gives_the_same_input() -> None:
@@ -98,8 +87,8 @@ def test_synthetic_page_at_three_scales_gives_the_same_input() -> None:
     for seed in range(4):
         inputs = {s: model_input(page(seed, s)) for s in (0.5, 1.0, 1.5)}
         for s in (0.5, 1.5):
-            mad, iou = agreement(inputs[s], inputs[1.0])
-            assert mad <= MAX_ABS_DIFF and iou >= MIN_TRACE_IOU, (seed, s, mad, iou)
+            mad, iou = scale_agreement(inputs[s], inputs[1.0])
+            assert mad <= SCALE_MAX_ABS_DIFF and iou >= SCALE_MIN_TRACE_IOU, (seed, s, mad, iou)
 
 
 def test_no_grid_falls_back_to_the_box_size() -> None:
@@ -142,7 +131,8 @@ def test_preprocess_with_a_given_pitch_equals_the_measured_one() -> None:
     box = detect_grid_box(img)
     crop = img.crop((box.left, box.top, box.right, box.bottom))
     measured = measure_pitch(crop)
-    assert torch.equal(preprocess(img, box, SIZE, ink=True), preprocess(img, box, SIZE, ink=True, pitch=measured))
+    given = preprocess(img, box, SCALE_SIZE, ink=True, pitch=measured)
+    assert torch.equal(preprocess(img, box, SCALE_SIZE, ink=True), given)
     assert box == CropBox(*box.as_list(), fallback=False)
 
 

@@ -1,7 +1,8 @@
 """Issue 9 on real pages: the 32 originals (2213 x 1572) against their half-resolution dev twins.
 
 Skipped where ../shared/data/mendeley-ecg-fullres-sample or the dev set is absent. The bound is shared with the
-synthetic scale test (tests/test_scale.py); `python benchmarks/bench_resolution.py inputs` prints every pair.
+synthetic scale test (tests/test_scale.py) through conftest.py; `python benchmarks/bench_resolution.py inputs`
+prints every pair.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SCALE_MAX_ABS_DIFF, SCALE_MIN_TRACE_IOU, SCALE_SIZE, scale_agreement
 from PIL import Image
-from test_scale import MAX_ABS_DIFF, MIN_TRACE_IOU, SIZE, agreement
 
 from ecg_inception.data.crop import detect_grid_box
 from ecg_inception.data.scale import measure_pitch
@@ -47,8 +48,9 @@ def test_originals_and_twins_give_the_same_model_input(pairs: list[tuple[Path, P
     mads, ious = [], []
     for original, twin in pairs:
         a, b = (Image.open(p).convert("RGB") for p in (original, twin))
-        mad, iou = agreement(*(preprocess(x, detect_grid_box(x), SIZE, ink=True)[0].float() for x in (a, b)))
-        assert mad <= MAX_ABS_DIFF and iou >= MIN_TRACE_IOU, (original.name, mad, iou)
+        inputs = (preprocess(x, detect_grid_box(x), SCALE_SIZE, ink=True)[0].float() for x in (a, b))
+        mad, iou = scale_agreement(*inputs)
+        assert mad <= SCALE_MAX_ABS_DIFF and iou >= SCALE_MIN_TRACE_IOU, (original.name, mad, iou)
         mads.append(mad)
         ious.append(iou)
     assert float(np.mean(mads)) <= MAX_MEAN_ABS_DIFF and float(np.mean(ious)) >= MIN_MEAN_TRACE_IOU
