@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -65,14 +64,14 @@ def test_training_stores_the_temperature_and_reports_calibration(tiny_run: dict)
     assert (tiny_run["run"] / "reliability.png").stat().st_size > 0
 
 
-def test_calibrate_false_keeps_temperature_one(synthetic_root: Path, tmp_path: Path, one_thread) -> None:
-    from test_train import compose_cfg, tiny_overrides
-
+def test_calibrate_false_keeps_temperature_one(cfg_train, one_thread) -> None:
     from ecg_inception.training import train
 
-    overrides = [*tiny_overrides(synthetic_root, tmp_path), "model.calibrate=false", "trainer.max_epochs=1",
-                 "test=false", "plots=false"]
-    metrics, objects = train(compose_cfg("train", overrides))
+    cfg_train.model.calibrate = False
+    cfg_train.trainer.max_epochs = 1
+    cfg_train.test = False
+    cfg_train.plots = False
+    metrics, objects = train(cfg_train)
     assert objects["model"].temperature == 1.0
     raw = torch.load(metrics["best_checkpoint"], map_location="cpu", weights_only=True)
     assert raw["temperature"] == 1.0

@@ -67,27 +67,28 @@ def test_a_diverging_run_writes_status_diverged_and_exits_1(synthetic_root: Path
     assert saved["test"] is None and saved["val"] is None
 
 
-def test_a_run_that_fails_records_status_failed(synthetic_root: Path, tmp_path: Path, monkeypatch) -> None:
+def test_a_run_that_fails_records_status_failed(cfg_train, tmp_path: Path, monkeypatch) -> None:
     from ecg_inception.models.module import EcgClassifier
 
     def broken(self, batch, batch_idx):
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(EcgClassifier, "training_step", broken)
+    cfg_train.plots = False
     with pytest.raises(RuntimeError, match="disk on fire"):
-        train(compose_cfg("train", tiny_overrides(synthetic_root, tmp_path) + ["plots=false"]))
+        train(cfg_train)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["status"] == "failed" and saved["error"] == "RuntimeError: disk on fire"
 
 
-def test_image_size_10_is_refused_before_any_data(synthetic_root: Path, tmp_path: Path) -> None:
-    overrides = tiny_overrides(synthetic_root, tmp_path) + ["data.image_size=10"]
+def test_image_size_10_is_refused_before_any_data(cfg_train, tmp_path: Path) -> None:
+    cfg_train.data.image_size = 10
     with pytest.raises(ConfigValueError, match=r"data.image_size=10: inception_v3 needs .* at least 75 px"):
-        train(compose_cfg("train", overrides))
+        train(cfg_train)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "splits.csv").exists()
 
 
-def test_files_left_out_get_a_one_line_summary(synthetic_root: Path, tmp_path: Path, caplog) -> None:
+def test_files_left_out_get_a_one_line_summary(cfg_train, synthetic_root: Path, tmp_path: Path, caplog) -> None:
     """Before the fix only splits.excluded.csv listed them; neither the console nor train.log said so."""
     (tmp_path / "data").mkdir()
     root = tmp_path / "data" / "set"
@@ -95,10 +96,10 @@ def test_files_left_out_get_a_one_line_summary(synthetic_root: Path, tmp_path: P
 
     shutil.copytree(synthetic_root, root)
     (next(root.iterdir()) / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
-    cfg = compose_cfg("train", tiny_overrides(root, tmp_path))
+    cfg_train.data.root = str(root)
     (tmp_path / "run").mkdir()
     with caplog.at_level(logging.WARNING, logger="ecg_inception.run_setup"):
-        setup_datamodule(cfg, tmp_path / "run", None)
+        setup_datamodule(cfg_train, tmp_path / "run", None)
     lines = [r.getMessage() for r in caplog.records if "left out of the split" in r.getMessage()]
     assert len(lines) == 1
     assert lines[0].startswith("9 files left out of the split (8 exact copy, 1 unreadable); list: ")

@@ -121,12 +121,13 @@ def test_evaluate_uses_checkpoint_preprocessing(trained, tmp_path: Path) -> None
     assert (tmp_path / "eval" / "metrics.json").is_file()
 
 
-def test_non_square_input_trains_and_evaluates_at_its_shape(synthetic_root: Path, tmp_path: Path) -> None:
+def test_non_square_input_trains_and_evaluates_at_its_shape(cfg_train, tmp_path: Path) -> None:
     """data.image_size=[h, w] reaches the model, the checkpoint and eval (which must not fall back to a square)."""
-    overrides = tiny_overrides(synthetic_root, tmp_path) + [
-        "data.image_size=[75,112]", "trainer.max_epochs=1", "plots=false", "data.ink=true",
-    ]  # fmt: skip
-    _, objects = train(compose_cfg("train", overrides))
+    cfg_train.data.image_size = [75, 112]
+    cfg_train.data.ink = True
+    cfg_train.trainer.max_epochs = 1
+    cfg_train.plots = False
+    _, objects = train(cfg_train)
     assert objects["model"].hparams.preprocessing["size"] == [75, 112]
     x, _ = next(iter(objects["datamodule"].test_dataloader()))
     assert x.shape[1:] == (3, 75, 112)
