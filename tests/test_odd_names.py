@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import compose_cfg, tiny_overrides
 
 from ecg_inception.cli import audit as audit_cli
 from ecg_inception.cli import split as split_cli
@@ -17,9 +17,6 @@ from ecg_inception.data.scan import scan_folder
 from ecg_inception.data.split import excluded_path
 from ecg_inception.errors import DatasetError
 from ecg_inception.training import train
-
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import compose_cfg, tiny_overrides  # noqa: E402
 
 SHOWN = "caf\\xe9.jpg"  # how the undecodable name b"caf\xe9.jpg" is reported
 
@@ -81,7 +78,7 @@ def test_split_cli_names_the_file_it_left_out(odd_root: Path, tmp_path: Path, ca
 
 
 def test_train_runs_on_a_folder_with_an_undecodable_name(odd_root: Path, tmp_path: Path, one_thread) -> None:
-    cfg = compose_cfg("train", tiny_overrides(odd_root, tmp_path) + ["trainer.max_epochs=1"])
+    cfg = compose_cfg("train", tiny_overrides(odd_root, tmp_path, debug="default"))  # one epoch, no callbacks
     metrics, _ = train(cfg)
     sidecar = excluded_path(Path(cfg.paths.output_dir) / "splits.csv").read_text(encoding="utf-8")
     assert SHOWN in sidecar

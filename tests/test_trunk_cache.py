@@ -437,9 +437,9 @@ def test_train_records_and_logs_the_trunk_cache_decision(
 
     from ecg_inception.training import train
 
-    overrides = [*tiny_overrides(synthetic_root, tmp_path), f"model/unfreeze={unfreeze}", "model.trunk_cache=auto",
-                 "data.augment=false", "trainer.max_epochs=1", "model.calibrate=false", "plots=false",
-                 "callbacks.model_checkpoint=null", "callbacks.early_stopping=null"]  # fmt: skip
+    # debug=default: one epoch without callbacks (no checkpoint, no early stopping).
+    overrides = [*tiny_overrides(synthetic_root, tmp_path, debug="default"), f"model/unfreeze={unfreeze}",
+                 "model.trunk_cache=auto", "data.augment=false", "model.calibrate=false", "plots=false"]  # fmt: skip
     with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="ecg_inception"):
         warnings.simplefilter("ignore")  # a frozen random trunk warns: intended here, as in the tests above
         metrics, _ = train(compose_cfg("train", overrides))
