@@ -20,14 +20,14 @@ import shutil
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ecg_inception.data.cache import file_sha256
 from ecg_inception.errors import ManifestError
@@ -219,47 +219,105 @@ def _finish_entry(tmp: Path, key: str, fields: dict[str, Any]) -> None:
     (tmp / _META).write_text(json.dumps(meta, indent=1, default=str), encoding="utf-8")
 
 
+def _prefix_batches(
+    split: TrunkSplit, images: Dataset, batch_size: int, num_workers: int
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(first row, {array name: float32 CPU tensor}) per batch of the prefix over `images`, in order."""
+    device = next(split.model.parameters()).device
+    loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(0))
+    done = 0
+    for x, _ in loader:
+        feats = split.prefix(x.to(device))
+        yield done, {name: value.float().cpu() for name, value in (("features", feats.features),
+                                                                    ("aux_input", feats.aux_input))
+                     if value is not None}
+        done += len(x)
+
+
+class _EntryArrays:
+    """The `.npy` arrays of an entry being built, written row block by row block in one dtype."""
+
+    def __init__(self, out: Path, images: ViewDataset, dtype: str) -> None:
+        self.out, self.views, self.n = out, images.views, images.n
+        self.dtype = str(np.dtype(dtype))
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def fits(self, outputs: dict[str, torch.Tensor]) -> bool:
+        """Whether every value is within this dtype's range (NaN passes, as it is stored as it is)."""
+        limit = float(np.finfo(self.dtype).max)
+        return all(value.abs().max().item() <= limit for value in outputs.values() if value.numel())
+
+    def restart(self, dtype: str) -> None:
+        """Drop what was written and start over in `dtype`."""
+        for arr in self.arrays.values():
+            arr.flush()  # type: ignore[attr-defined]
+        self.arrays.clear()
+        for file in self.out.glob("*.npy"):
+            if file.name != "labels.npy":
+                file.unlink()
+        self.dtype = str(np.dtype(dtype))
+
+    def write(self, start: int, outputs: dict[str, torch.Tensor]) -> None:
+        """Store rows `start ...` (flat index over views x images; a block may straddle two views)."""
+        if not self.fits(outputs):
+            raise OverflowError(f"trunk activations exceed the {self.dtype} range")
+        for name, value in outputs.items():
+            if name not in self.arrays:
+                shape = (self.views, self.n, *value.shape[1:])
+                self.arrays[name] = np.lib.format.open_memmap(self.out / f"{name}.npy", "w+", self.dtype, shape)
+            view, i = divmod(start, self.n)
+            rows = value.numpy().astype(self.dtype)
+            while len(rows):
+                take = min(len(rows), self.n - i)
+                self.arrays[name][view, i : i + take] = rows[:take]
+                rows, view, i = rows[take:], view + 1, 0
+
+    def close(self) -> None:
+        """Flush and release the arrays."""
+        for arr in self.arrays.values():
+            arr.flush()  # type: ignore[attr-defined]
+        self.arrays.clear()
+
+
 def build_entry(
     out: Path, split: TrunkSplit, images: ViewDataset, dtype: str = "float16", batch_size: int = 32,
     num_workers: int = 0,
-) -> None:
-    """Run the prefix over every view of every image (eval mode, no grad, global RNG untouched) into `out`."""
+) -> str:
+    """Run the prefix over every view of every image (eval mode, no grad, global RNG untouched) into `out`.
+
+    When a batch exceeds the range of `dtype` (fp16 from an uncalibrated random trunk), the entry is stored as
+    float32: the batches before it are computed again and written in float32, the batch that overflowed and
+    the later ones are written as they come. The arrays equal those of a float32 build from the start (the same
+    batches in the same order); nothing is computed twice beyond the batches before the overflow.
+
+    Returns:
+        The dtype stored: `dtype`, or float32.
+
+    Raises:
+        OverflowError: the activations exceed even the float32 range.
+    """
     model = split.model
-    device = next(model.parameters()).device
-    loader = DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(0))
     np.save(out / "labels.npy", np.asarray(images.targets, dtype=np.int64))
-    limit = float(np.finfo(dtype).max)
-    arrays: dict[str, np.ndarray] = {}
+    arrays = _EntryArrays(out, images, dtype)
     modes = {m: m.training for m in model.modules()}
-    done = 0
     try:
         model.eval()
         with preserved_rng(), torch.no_grad():
-            for x, _ in loader:
-                feats = split.prefix(x.to(device))
-                for name, value in (("features", feats.features), ("aux_input", feats.aux_input)):
-                    if value is None:
-                        continue
-                    value = value.float().cpu()
-                    if value.abs().max().item() > limit:
-                        raise OverflowError(f"trunk activations exceed the {dtype} range; use dtype float32")
-                    if name not in arrays:
-                        shape = (images.views, images.n, *value.shape[1:])
-                        arrays[name] = np.lib.format.open_memmap(out / f"{name}.npy", "w+", dtype, shape)
-                    view, i = divmod(done, images.n)
-                    rows = value.numpy().astype(dtype)
-                    while len(rows):  # a batch may straddle two views
-                        take = min(len(rows), images.n - i)
-                        arrays[name][view, i : i + take] = rows[:take]
-                        rows, view, i = rows[take:], view + 1, 0
-                done += len(x)
+            for start, outputs in _prefix_batches(split, images, batch_size, num_workers):
+                if arrays.dtype != "float32" and not arrays.fits(outputs):
+                    log.warning("trunk activations exceed the %s range: storing this entry as float32 instead "
+                                "(%d earlier images computed again)", arrays.dtype, start)
+                    arrays.restart("float32")
+                    earlier = Subset(images, range(start))  # the same batches as before: batch size divides start
+                    for again, block in _prefix_batches(split, earlier, batch_size, num_workers):
+                        arrays.write(again, block)
+                arrays.write(start, outputs)
     finally:
         for module, mode in modes.items():
             module.training = mode
-    for arr in arrays.values():
-        arr.flush()  # type: ignore[attr-defined]
-    arrays.clear()
+        arrays.close()
+    return arrays.dtype
 
 
 # ------------------------------------------------------------------------------------------- datamodules
@@ -308,13 +366,7 @@ class TrunkCachedDataModule(DelegatingDataModule):
         def build(out: Path) -> None:
             log.info("Building the trunk cache of %s (%d images x %d views) in %s", name, data.n, views, out)
             workers = min(2, int(getattr(self.datamodule, "num_workers", 0) or 0))
-            try:
-                build_entry(out, self.split, data, self.dtype, self.build_batch_size, workers)
-            except OverflowError as exc:
-                log.warning("%s: storing the %s entry as float32 instead", exc, name)
-                for file in out.glob("*.npy"):
-                    file.unlink()
-                build_entry(out, self.split, data, "float32", self.build_batch_size, workers)
+            build_entry(out, self.split, data, self.dtype, self.build_batch_size, workers)
             stats = [os.stat(images.root / r.path) for r in images.rows]
             (out / "files.json").write_text(json.dumps([[s.st_size, s.st_mtime_ns] for s in stats]))
 
