@@ -100,6 +100,14 @@ def record_job_error(output_dir: str | Path, exc: BaseException, wall_time_s: fl
     return path
 
 
+def in_multirun() -> bool:
+    """Whether this process runs a job of a Hydra multirun (False under the compose API and in single runs)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @contextlib.contextmanager
 def sweep_job() -> Iterator[JobOutcome]:
     """Run one Hydra job; in a multirun a failure is recorded in its folder and does not stop the sweep.
@@ -112,13 +120,12 @@ def sweep_job() -> Iterator[JobOutcome]:
         Whatever the job raised, outside a multirun (single runs keep their exit status and traceback).
     """
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     from ecg_inception.distributed import is_rank_zero, job_environment
 
     outcome = JobOutcome()
     started = time.perf_counter()
-    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    multirun = in_multirun()
     with job_environment():
         try:
             yield outcome

@@ -60,6 +60,7 @@ from ecg_inception.run_setup import (
     report_excluded,
     split_description,
 )
+from ecg_inception.sweep_summary import in_multirun
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +181,11 @@ def _scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
 def store_temperature(path: str | Path, temperature: float) -> None:
     """Write `temperature` into the checkpoint at `path` as its top-level "temperature" entry, atomically.
 
-    The file is rewritten beside itself and renamed over the original, so a reader never sees half a file.
+    The file is rewritten beside itself and renamed over the original, so a reader never sees half a file. It is
+    read memory-mapped (still `weights_only`): the tensors go from the mapped file straight into the new one.
     """
     path = Path(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     checkpoint["temperature"] = float(temperature)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -219,6 +221,23 @@ def _with_calibration(model: EcgClassifier, split: str) -> dict[str, Any] | None
     if report is None or split not in model.last_logits:
         return report
     return {**report, "calibration": calibration_report(*model.last_logits[split], model.temperature)}
+
+
+def plots_enabled(cfg: DictConfig) -> bool:
+    """`cfg.plots`: true or false as given; `auto` draws in a single run and not in the jobs of a multirun.
+
+    A sweep's jobs are compared in `sweep_summary.csv`; their figures (~0.5 s of matplotlib per job) are drawn
+    only on request (`plots=true`).
+
+    Raises:
+        ConfigValueError: any other value.
+    """
+    value = cfg.get("plots", True)
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() == "auto":
+        return not in_multirun()
+    raise ConfigValueError(f"plots={value!r}: expected true, false or auto")
 
 
 def get_metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
@@ -367,7 +386,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "trunk_cache": loaders.summary() if isinstance(loaders, TrunkCachedDataModule) else None,
     }
     if is_rank_zero():
-        write_report(output_dir, metrics, history.rows, plots=bool(cfg.get("plots", True)))
+        write_report(output_dir, metrics, history.rows, plots=plots_enabled(cfg))
         log.info("Report written to %s", output_dir)
     return metrics, objects
 
@@ -523,6 +542,6 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         log.info("eval_all: %s", metrics["training_copies"]["note"])
     metrics["logged"] = logged
     if is_rank_zero():
-        write_report(output_dir, metrics, plots=bool(cfg.get("plots", True)))
+        write_report(output_dir, metrics, plots=plots_enabled(cfg))
     log.info("Report written to %s", output_dir)
     return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
