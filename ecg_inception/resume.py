@@ -8,6 +8,7 @@
 - `AtomicCheckpointIO`: a checkpoint is written beside its target and renamed over it, so a full disk or a kill
   during the write leaves the previous file intact; `check_output_dir` refuses a read-only or full output folder
   before any training.
+- `LastCheckpoint`: `last.ckpt` at the end of every epoch and, optionally, every N optimizer steps inside one.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -338,6 +340,57 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{path}: could not write the checkpoint ({exc.strerror or exc}){kept}. Free space or make "
                 f"{path.parent} writable, then resume with ckpt_path=last"
             ) from exc
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint for `last.ckpt`: written at the end of every epoch and, with
+    `every_n_train_steps`, also every N optimizer steps inside an epoch (conf/callbacks/last_checkpoint.yaml).
+
+    Lightning allows one trigger per ModelCheckpoint; this one keeps the epoch trigger (the state a resume
+    continues from bit-identically) and adds the step trigger. The step save is skipped on an epoch's last batch,
+    so that the file written then is the end of the epoch (after validation, early stopping and the history). A
+    resume from a mid-epoch `last.ckpt` is Lightning's own mid-epoch restart: the train loader cannot continue
+    where it stopped (Lightning warns "resuming from a checkpoint that ended before the epoch ended"), so it is not
+    bit-identical to an uninterrupted run; it loses at most N steps instead of the epoch.
+
+    Args:
+        every_n_train_steps: also save every this many optimizer steps; None: at epoch ends only.
+        **kwargs: ModelCheckpoint's (`dirpath`, `filename`, `monitor: null`, ...); its own step and time triggers
+            are not taken.
+
+    Raises:
+        ConfigValueError: `every_n_train_steps` is not None or an integer >= 1, or a ModelCheckpoint trigger was given.
+    """
+
+    def __init__(self, *args: Any, every_n_train_steps: int | None = None, **kwargs: Any) -> None:
+        taken = sorted({"every_n_epochs", "train_time_interval"} & {k for k, v in kwargs.items() if v is not None})
+        if taken:
+            raise ConfigValueError(f"callbacks.last_checkpoint: {taken} not supported (last.ckpt is written every "
+                                   "epoch; every_n_train_steps adds saves inside an epoch)")
+        steps = every_n_train_steps
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ConfigValueError(f"callbacks.last_checkpoint.every_n_train_steps must be null or an integer >= 1, "
+                                   f"got {steps!r}")
+        super().__init__(*args, **kwargs)
+        self.every_n_steps = steps
+
+    @property
+    def state_key(self) -> str:
+        """ModelCheckpoint's own key (plus the step interval when set): a `last.ckpt` written by a plain
+        ModelCheckpoint restores into this callback, and checks that tell checkpoint callbacks by their
+        "ModelCheckpoint" prefix still do."""
+        key = "ModelCheckpoint" + super().state_key.removeprefix(type(self).__qualname__)
+        return key if not self.every_n_steps else f"{key}[every_n_train_steps={self.every_n_steps}]"
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        n = self.every_n_steps
+        if not n or trainer.global_step % n or self._should_skip_saving_checkpoint(trainer):
+            return
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:  # the epoch-end save follows
+            return
+        self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 def state_bytes(module: torch.nn.Module) -> int:

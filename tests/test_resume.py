@@ -272,3 +272,43 @@ def test_read_only_or_full_output_dir_is_refused_before_training(synthetic_root:
     err_line = capsys.readouterr().err
     assert str(tmp_path / "run" / "checkpoints") in err_line and "MiB free" in err_line
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.parametrize("every", [None, 2], ids=["epoch-ends", "every-2-steps"])
+def test_last_ckpt_every_n_train_steps_writes_mid_epoch(synthetic_root: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch, every) -> None:
+    """`callbacks.last_checkpoint.every_n_train_steps=N` adds last.ckpt saves inside an epoch (every N optimizer
+    steps, not on an epoch's last batch); the epoch-end save stays, and the file after each epoch is its end."""
+    from ecg_inception.training import train
+
+    saves: list[tuple[str, int, int]] = []
+    real = AtomicCheckpointIO.save_checkpoint
+
+    def spy(self, checkpoint, path, storage_options=None):
+        saves.append((Path(path).name, int(checkpoint["global_step"]), int(checkpoint["epoch"])))
+        return real(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", spy)
+    overrides = [*tiny_overrides(synthetic_root, tmp_path, out="run", debug=None), "plots=false",
+                 "model.model_name=test_convnext", "data.image_size=64", "callbacks.model_checkpoint=null",
+                 f"callbacks.last_checkpoint.every_n_train_steps={'null' if every is None else every}"]
+    metrics, objects = train(compose_cfg("train", overrides))
+    steps_per_epoch = objects["trainer"].num_training_batches
+    assert steps_per_epoch >= 3 and metrics["epochs"] == 2
+    last = [(step, epoch) for name, step, epoch in saves if name == "last.ckpt"]
+    ends = [(steps_per_epoch * (e + 1), e) for e in range(2)]
+    inside = [] if every is None else [(s, (s - 1) // steps_per_epoch) for s in range(every, 2 * steps_per_epoch, every)
+                                       if s % steps_per_epoch]
+    assert last == sorted(ends + inside)
+    final = load_checkpoint_file(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert final["global_step"] == 2 * steps_per_epoch and final["epoch"] == 1
+
+
+@pytest.mark.parametrize("bad", [0, -3, True, 2.5])
+def test_last_checkpoint_refuses_a_bad_step_interval(tmp_path: Path, bad) -> None:
+    from ecg_inception.errors import ConfigValueError
+
+    with pytest.raises(ConfigValueError, match="every_n_train_steps"):
+        resume.LastCheckpoint(dirpath=tmp_path, filename="last", monitor=None, every_n_train_steps=bad)
+    with pytest.raises(ConfigValueError, match="every_n_epochs"):
+        resume.LastCheckpoint(dirpath=tmp_path, filename="last", monitor=None, every_n_epochs=2)
