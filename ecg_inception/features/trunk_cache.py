@@ -260,8 +260,6 @@ class _EntryArrays:
 
     def write(self, start: int, outputs: dict[str, torch.Tensor]) -> None:
         """Store rows `start ...` (flat index over views x images; a block may straddle two views)."""
-        if not self.fits(outputs):
-            raise OverflowError(f"trunk activations exceed the {self.dtype} range")
         for name, value in outputs.items():
             if name not in self.arrays:
                 shape = (self.views, self.n, *value.shape[1:])
@@ -305,13 +303,15 @@ def build_entry(
         model.eval()
         with preserved_rng(), torch.no_grad():
             for start, outputs in _prefix_batches(split, images, batch_size, num_workers):
-                if arrays.dtype != "float32" and not arrays.fits(outputs):
+                if not arrays.fits(outputs):
+                    if arrays.dtype == "float32":
+                        raise OverflowError("trunk activations exceed the float32 range")
                     log.warning("trunk activations exceed the %s range: storing this entry as float32 instead "
                                 "(%d earlier images computed again)", arrays.dtype, start)
                     arrays.restart("float32")
                     earlier = Subset(images, range(start))  # the same batches as before: batch size divides start
                     for again, block in _prefix_batches(split, earlier, batch_size, num_workers):
-                        arrays.write(again, block)
+                        arrays.write(again, block)  # they fitted the narrower dtype
                 arrays.write(start, outputs)
     finally:
         for module, mode in modes.items():
