@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_cli, tiny_sweep_args
 from omegaconf import OmegaConf
 
 from ecg_inception.sweep_summary import (
@@ -108,33 +106,6 @@ def test_callback_exits_1_with_the_count_on_stderr(tmp_path: Path, capsys) -> No
     (sweep / "1" / "metrics.json").write_text(json.dumps(_metrics(0.1)))
     SweepSummary().on_multirun_end(config)  # all ok: no exit
     assert [p.name for p in job_dirs(sweep)] == ["0", "1", "2"]
-
-
-def tiny_sweep_args(root: Path, tmp: Path) -> list[str]:
-    """A very small training job (test_convnext, no BatchNorm, 64 px, 1 epoch), as CLI overrides."""
-    return [
-        f"data.root={root}",
-        "data.image_size=64",
-        "data.batch_size=4",
-        "data.num_workers=0",
-        f"paths.cache_dir={tmp / 'cache'}",
-        f"paths.log_dir={tmp / 'logs'}",
-        "model.model_name=test_convnext",
-        "model.pretrained=false",
-        "model.aux_logits=false",
-        "model/unfreeze=all",
-        "trainer.max_epochs=1",
-        "callbacks.rich_progress_bar=null",
-        "+trainer.enable_model_summary=false",
-        "+trainer.enable_progress_bar=false",
-        "plots=false",
-    ]
-
-
-def run_cli(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "ecg_inception.cli.train", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
 
 
 def test_a_failing_job_does_not_stop_the_sweep(synthetic_root: Path, tmp_path: Path) -> None:
