@@ -130,3 +130,26 @@ def test_a_failing_job_does_not_stop_the_sweep(synthetic_root: Path, tmp_path: P
     assert ok_rows[0]["value"] >= ok_rows[1]["value"]
     assert (sweep / SUMMARY_CSV).read_text().count("\n") == 4
     assert "Sweep summary (3 jobs" in proc.stdout
+
+
+def test_a_diverged_and_two_failed_jobs_are_all_reported(synthetic_root: Path, tmp_path: Path) -> None:
+    """Before: only the first failure was printed and a second failed job was never mentioned. 2 x 2 jobs: a
+    learning rate that overflows the weights (NaN loss: diverged) crossed with a bad batch size (failed)."""
+    sweep = tmp_path / "sweep"
+    args = [a for a in tiny_sweep_args(synthetic_root, tmp_path) if not a.startswith("data.batch_size")]
+    proc = run_cli(["-m", *args, "model.optimizer.lr=0.001,1e30", "data.batch_size=4,0",
+                    f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "3 of 4 sweep jobs did not finish ok (1 diverged, 2 failed)" in proc.stderr
+    summary = json.loads((sweep / SUMMARY_JSON).read_text())
+    statuses = {r["job"]: r["status"] for r in summary["rows"]}
+    assert statuses == {"0": "ok", "1": "failed", "2": "diverged", "3": "failed"}
+    assert summary["rows"][0]["job"] == "0"  # the only job with a value comes first
+    for job in ("1", "3"):  # each failed job's own folder records its error
+        assert "batch_size must be >= 1" in json.loads((sweep / job / ERROR_FILE).read_text())["error"]
+    diverged = json.loads((sweep / "2" / "metrics.json").read_text())
+    assert diverged["status"] == "diverged" and "step" in diverged
+    table = proc.stdout[proc.stdout.index("Sweep summary (4 jobs"):].splitlines()[3:]  # title, header, rule
+    # every job is in the printed table with its status (columns: job, status, ...)
+    assert sorted(tuple(line.split()[:2]) for line in table[:4]) == [
+        ("0", "ok"), ("1", "failed"), ("2", "diverged"), ("3", "failed")]
