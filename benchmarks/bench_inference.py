@@ -17,6 +17,11 @@ are measured in the same run: t_prep (decode, crop detection, resize of one page
 (1 / the channels_last inference_mode rate); with both stages sharing the cores the bound is
 cores / (t_prep + cores x t_model), and the goal is 0.8 of it.
 
+Explanations (`--explain-pages N`, 0 skips it): `Predictor.explain` against `Predictor.predict` per page at batch
+1, end to end from N synthetic full-size page files, with the overlay PNG timed apart (`bench_explain.py`'s
+measurement, on an untrained model of `--explain-size`, scratch_cpu's 128 x 256 by default); the goal is
+explain / predict <= 3.
+
     python benchmarks/bench_inference.py
     python benchmarks/bench_inference.py --rounds 5 --iters 2 --train-rounds 4 --json inference.json
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +52,7 @@ from _common import (
     start_cpu_benchmark,
     usable_cores,
 )
+from bench_explain import build_predictor, explain_checks, page_files, time_explain
 
 from ecg_inception.models.module import EcgClassifier
 
@@ -103,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folder-rounds", type=int, default=2, help="folder-level rounds (setups alternate)")
     parser.add_argument("--folder-scale", type=float, default=1.0, help="synthetic page scale (1.0: full size)")
     parser.add_argument("--folder-batch-size", type=int, default=8)
+    parser.add_argument("--explain-pages", type=int, default=6, help="explain vs predict pages (0: skip)")
+    parser.add_argument("--explain-size", type=int, nargs=2, default=[128, 256], metavar=("H", "W"),
+                        help="model input for the explain rows (default scratch_cpu's 128 256)")
     parser.add_argument("--cpu-bf16", action="store_true",
                         help="add a bf16-autocast inference variant (very slow on CPUs without native bf16)")
     add_threads_arg(parser)
@@ -167,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     figures["inference_s_per_batch"] = times
     figures["inference_img_s"] = rates
     folder = folder_throughput(cl, args, rates["channels_last, inference_mode"]) if args.folder_pages else None
+    explain_times = explain_rows(args) if args.explain_pages else None
+    if explain_times:
+        figures["explain_s_per_page"] = explain_times
     figures["folder"] = folder
     del nchw, cl
 
@@ -244,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         best = max(folder["img_s"], key=folder["img_s"].get)
         checks.append(Check("folder best / bound", folder["img_s"][best] / folder["bound_img_s"], TARGET_FOLDER,
                             unit="x", note=best))
+    if explain_times:
+        checks += explain_checks(explain_times)
     bf16_name = "bf16 autocast, channels_last, inference_mode"
     if bf16_name in rates:
         native = "native bf16" if info["cpu_native_bf16"] else "NO native bf16 on this CPU"
@@ -349,6 +364,15 @@ def folder_throughput(model: EcgClassifier, args: argparse.Namespace, model_rate
     rates = {name: median(v) for name, v in runs.items()}
     return {"pages": len(items), "page_size": page_size, "t_prep_s": t_prep, "t_model_s": t_model, "cores": cores,
             "bound_img_s": bound, "img_s": rates, "runs_img_s": runs, "prep_times_s": prep_times}
+
+
+def explain_rows(args: argparse.Namespace) -> dict[str, list[float]]:
+    """`bench_explain`'s per-page explain / predict / overlay timings, in this run, on the same threads."""
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        sub = argparse.Namespace(checkpoint=None, size=args.explain_size, root=None, pages=args.explain_pages)
+        files = page_files(sub, Path(tmp_dir))
+        times, _ = time_explain(build_predictor(sub), files, args.rounds, Path(tmp_dir))
+    return times
 
 
 def threads_default() -> int:
