@@ -16,8 +16,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from ecg_inception.data.datamodule import EcgDataModule
+from ecg_inception.data.manifest import Manifest, excluded_path
 from ecg_inception.data.settings import check_preprocessing
-from ecg_inception.data.split import Manifest, excluded_path
 from ecg_inception.distributed import is_rank_zero
 from ecg_inception.errors import CheckpointError, ConfigValueError, TrainingDivergedError
 from ecg_inception.models.backbone import split_name

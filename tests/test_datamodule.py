@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 
 from ecg_inception.data.datamodule import EcgDataModule, EcgImageDataset
 from ecg_inception.data.labels import CANONICAL_LABELS, MENDELEY_FOLDERS
+from ecg_inception.data.manifest import Manifest
 from ecg_inception.data.scale import CANONICAL_PX_PER_MM
-from ecg_inception.data.split import Manifest
 from ecg_inception.data.transforms import PREPROCESS_VERSION, resolve_data_config
 from ecg_inception.errors import DatasetError, ManifestError
 from ecg_inception.synthetic.default_set import ensure_synthetic_dataset

@@ -63,7 +63,7 @@ def test_eval_all_scores_the_whole_folder_and_counts_training_copies(trained, sy
     assert sum(map(sum, result["test"]["confusion_matrix"])) == len(files)
     import hashlib
 
-    from ecg_inception.data.split import Manifest
+    from ecg_inception.data.manifest import Manifest
 
     manifest = Manifest.read_csv(Path(cfg.paths.output_dir) / "splits.csv")
     train_hashes = {r.sha256 for r in manifest.split_rows("train")}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ecg_inception.data.duplicates import NEAR_DUPLICATE_THRESHOLD, hash_to_hex
-from ecg_inception.data.split import MANIFEST_FORMAT, META_PREFIX, Manifest, ManifestRow
+from ecg_inception.data.manifest import MANIFEST_FORMAT, META_PREFIX, Manifest, ManifestRow
 from ecg_inception.errors import ManifestError
 
 SHA = [f"{i:064x}" for i in range(1, 9)]

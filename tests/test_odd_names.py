@@ -13,8 +13,8 @@ from conftest import compose_cfg, tiny_overrides
 from ecg_inception.cli import audit as audit_cli
 from ecg_inception.cli import split as split_cli
 from ecg_inception.data.audit import write_json_atomic
+from ecg_inception.data.manifest import excluded_path
 from ecg_inception.data.scan import scan_folder
-from ecg_inception.data.split import excluded_path
 from ecg_inception.errors import DatasetError
 from ecg_inception.training import train
 

@@ -11,8 +11,9 @@ import pytest
 
 from ecg_inception.data.crop import CropBox
 from ecg_inception.data.labels import CANONICAL_LABELS
+from ecg_inception.data.manifest import SPLITS, Manifest, excluded_path
 from ecg_inception.data.scan import ImageFile, ScanResult
-from ecg_inception.data.split import SPLITS, Manifest, excluded_path, make_split
+from ecg_inception.data.split import make_split
 from ecg_inception.errors import ManifestError
 
 
@@ -291,3 +292,20 @@ def test_dev_set_protocols(dev_report, tmp_path: Path) -> None:
     assert paper.crossing_groups()
     path = leakfree.write_csv(tmp_path / "splits.csv")
     assert Manifest.read_csv(path, root=dev_report.scan.root).rows == leakfree.rows
+
+
+def test_moved_names_stay_importable_from_split() -> None:
+    """The manifest (data.manifest) and the protocol vocabulary (data.protocols) moved; data.split still has them."""
+    from ecg_inception.data import manifest, protocols, split
+
+    moved = {
+        manifest: ("SPLITS", "REQUIRED_COLUMNS", "COLUMNS", "MANIFEST_FORMAT", "META_PREFIX", "ManifestRow",
+                   "Manifest", "excluded_path"),
+        protocols: ("PROTOCOLS", "BALANCES", "BALANCE_STAGES", "ProtocolDefaults", "PROTOCOL_DEFAULTS",
+                    "protocol_defaults", "resolve_balance"),
+    }  # fmt: skip
+    for home, names in moved.items():
+        for name in names:
+            assert getattr(split, name) is getattr(home, name), name
+            assert name in split.__all__, name
+    assert all(hasattr(split, name) for name in split.__all__)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from ecg_inception.data.cache import file_sha256
 from ecg_inception.data.datamodule import EcgDataModule
 from ecg_inception.data.labels import label_for_folder, order_labels
-from ecg_inception.data.split import Manifest, ManifestRow
+from ecg_inception.data.manifest import Manifest, ManifestRow
 from ecg_inception.errors import ManifestError
 from ecg_inception.features import trunk_cache
 from ecg_inception.features.trunk_cache import (

@@ -6,7 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ecg_inception.data.split import BALANCE_STAGES, BALANCES, PROTOCOLS, SPLITS, Manifest, make_split
+from ecg_inception.data.manifest import SPLITS, Manifest
+from ecg_inception.data.protocols import BALANCE_STAGES, BALANCES, PROTOCOLS
+from ecg_inception.data.split import make_split
 from ecg_inception.errors import EcgInceptionError
 
 UNREADABLE_SHOWN = 10  # unreadable files named on the console (all are in the sidecar)

@@ -31,14 +31,10 @@ from ecg_inception.data.cache import (
     warm_decoded_cache,
 )
 from ecg_inception.data.dataset import EcgImageDataset
+from ecg_inception.data.manifest import SPLITS, Manifest
+from ecg_inception.data.protocols import protocol_defaults
 from ecg_inception.data.scale import CANONICAL_PX_PER_MM
-from ecg_inception.data.split import (
-    SPLITS,
-    Manifest,
-    check_fractions,
-    make_split,
-    protocol_defaults,
-)
+from ecg_inception.data.split import check_fractions, make_split
 from ecg_inception.data.transforms import (
     AUGMENT_KINDS,
     MIN_IMAGE_SIZE,

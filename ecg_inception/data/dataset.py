@@ -15,8 +15,8 @@ from torch.utils.data import Dataset, get_worker_info
 from ecg_inception.core.cpus import torch_threads
 from ecg_inception.core.hashing import file_sha256
 from ecg_inception.data.cache import DecodedCache, PreprocessSettings
+from ecg_inception.data.manifest import ManifestRow
 from ecg_inception.data.pages import preprocess_with
-from ecg_inception.data.split import ManifestRow
 from ecg_inception.data.transforms import DataConfig, Normalize
 from ecg_inception.errors import ManifestError
 

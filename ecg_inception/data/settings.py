@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ecg_inception.data.split import BALANCE_STAGES, BALANCES, PROTOCOLS
+from ecg_inception.data.protocols import BALANCE_STAGES, BALANCES, PROTOCOLS
 from ecg_inception.data.transforms import INTERPOLATIONS, MIN_IMAGE_SIZE, RESIZE_MODES
 from ecg_inception.errors import ConfigValueError
 

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from ecg_inception.data.audit import AuditReport
+from ecg_inception.data.manifest import Manifest, ManifestRow
 from ecg_inception.data.scan import list_folder
-from ecg_inception.data.split import Manifest, ManifestRow
 from ecg_inception.errors import DatasetError, ManifestError
 
 log = logging.getLogger(__name__)
