@@ -26,12 +26,14 @@ from ecg_inception.models.backbone import check_pretrained_available
 from ecg_inception.models.checkpoint import load_checkpoint
 from ecg_inception.models.multilabel import MultiLabelClassifier
 from ecg_inception.report import MetricsHistory, write_report
+from ecg_inception.resume import RngState, resumed_step
 from ecg_inception.run_setup import check_train_config, data_overrides_for_weights, fit_with_status
 from ecg_inception.training import (
     _best_checkpoint,
     _scalar_metrics,
+    build_trainer,
     instantiate_callbacks,
-    instantiate_loggers,
+    plots_enabled,
     resolve_ckpt_path,
 )
 
@@ -71,8 +73,10 @@ def pretrain(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     )
     check_train_config(cfg)
     ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(str(cfg.paths.log_dir)), str(cfg.task_name))
-    if ckpt is not None:
-        load_checkpoint(ckpt)  # a corrupt or unsafe file fails before any rendering
+    resume_step = None
+    if ckpt is not None:  # a corrupt or unsafe file fails here, before any rendering
+        resume_step = resumed_step(load_checkpoint(ckpt))
+        log.info("Resuming from %s (step %d)", ckpt, resume_step)
     # ImageNet -> PTB-XL: a hub tag or an ImageNet file selects its normalisation, as in fine-tuning
     datamodule = instantiate(cfg.data, _partial_=True)(
         drop_last=bool(cfg.model.get("aux_logits", False)), **data_overrides_for_weights(cfg)
@@ -88,9 +92,8 @@ def pretrain(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             f"{type(model).__name__}"
         )
     history = MetricsHistory()
-    callbacks = [*instantiate_callbacks(cfg.get("callbacks")), history, FiniteLoss()]
-    loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    callbacks = [*instantiate_callbacks(cfg.get("callbacks")), history, FiniteLoss(), RngState()]
+    trainer = build_trainer(cfg, model, callbacks, output_dir, resume_step)
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer, "history": history}
     base: dict[str, Any] = {"task": "multilabel", "pretraining": "ptbxl", "labels": list(datamodule.labels),
                             "seed": int(cfg.seed), "data": datamodule.describe()}
@@ -118,7 +121,7 @@ def pretrain(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "val": _report(model, "val"), "test": _report(model, "test"), "logged": logged,
     }  # fmt: skip
     if is_rank_zero():
-        write_report(output_dir, metrics, history.rows, plots=bool(cfg.get("plots", True)))
+        write_report(output_dir, metrics, history.rows, plots=plots_enabled(cfg))
         test = metrics["test"] or {}
         log.info("Pretraining report written to %s (test macro AUROC %s)", output_dir, test.get("auroc_macro"))
     return metrics, objects

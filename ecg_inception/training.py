@@ -254,6 +254,45 @@ def get_metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
     return float(logged[name])
 
 
+def build_trainer(
+    cfg: DictConfig, model: pl.LightningModule, callbacks: list[Callback], output_dir: Path, resume_step: int | None
+) -> pl.Trainer:
+    """The run's Trainer, as `train` and `pretraining.pretrain` both need it.
+
+    Checks that the run folder has room for the checkpoints, appends to `metrics.csv` when resuming (never
+    truncates the rows logged before the checkpoint), turns off Lightning's own per-epoch checkpoint when no
+    ModelCheckpoint is configured, and writes checkpoints atomically (a failed save keeps the previous file).
+
+    Args:
+        cfg: the composed config (`trainer`, `logger`).
+        model: the module to fit (its size sets the room the checkpoints need).
+        callbacks: the run's callbacks.
+        output_dir: the run folder.
+        resume_step: the global step of the checkpoint being resumed, or None for a fresh fit.
+
+    Returns:
+        The instantiated Trainer.
+
+    Raises:
+        OutputDirError: the checkpoint folder is not writable or has no room for two checkpoints.
+    """
+    if is_rank_zero() and _writes_checkpoints(callbacks, cfg):
+        check_output_dir(output_dir / "checkpoints", CHECKPOINT_FACTOR * state_bytes(model))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    for logger in loggers:
+        if resume_step is not None and isinstance(logger, CSVLogger):
+            logger.resume_from(resume_step)  # append to metrics.csv, never truncate the earlier rows
+    extra: dict[str, Any] = {}
+    if "enable_checkpointing" not in cfg.trainer and not any(isinstance(c, ModelCheckpoint) for c in callbacks):
+        # No ModelCheckpoint configured (callbacks=sweep/none): Lightning would otherwise add its own and
+        # write a full checkpoint every epoch, which costs more than a cached tail epoch.
+        extra["enable_checkpointing"] = False
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # temp file + os.replace: a failed save keeps
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # the previous last.ckpt
+    return trainer
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit on the training split, test the best checkpoint, write the run report (`ecg-inception-train`).
 
@@ -329,25 +368,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     hp = model.hparams
     loaders = use_trunk_cache(model, datamodule, hp.get("trunk_cache", "auto"), hp.get("trunk_cache_views"),
                               hp.get("trunk_cache_verify"))
-    callbacks = instantiate_callbacks(cfg.get("callbacks"))
     history = MetricsHistory()
-    callbacks += [history, FiniteLoss(), RngState()]
-    if is_rank_zero() and _writes_checkpoints(callbacks, cfg):
-        check_output_dir(output_dir / "checkpoints", CHECKPOINT_FACTOR * state_bytes(model))
-    loggers = instantiate_loggers(cfg.get("logger"))
-    for logger in loggers:
-        if resume_step is not None and isinstance(logger, CSVLogger):
-            logger.resume_from(resume_step)  # append to metrics.csv, never truncate the earlier rows
-    extra: dict[str, Any] = {}
-    if "enable_checkpointing" not in cfg.trainer and not any(
-        isinstance(c, ModelCheckpoint) for c in callbacks
-    ):
-        # No ModelCheckpoint configured (callbacks=sweep/none): Lightning would otherwise add its own and
-        # write a full checkpoint every epoch, which costs more than a cached tail epoch.
-        extra["enable_checkpointing"] = False
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
-    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # temp file + os.replace: a failed save keeps
-        trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # the previous last.ckpt
+    callbacks = [*instantiate_callbacks(cfg.get("callbacks")), history, FiniteLoss(), RngState()]
+    trainer = build_trainer(cfg, model, callbacks, output_dir, resume_step)
 
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer, "history": history}
     stopped = fit_with_status(

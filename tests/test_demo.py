@@ -79,3 +79,25 @@ def test_the_cli_prints_the_report_path_accuracy_and_macro_f1(
     expected = "Test accuracy 0.917, macro-F1 0.912" + (" (LEAKY: paper protocol)" if leaky else "")
     assert lines[-2] == expected
     assert lines[-1] == f"Try next: ecg-inception-predict {metrics['best_checkpoint']} '{page}'"
+
+
+def test_a_pretraining_run_prints_auroc_and_the_fine_tuning_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`experiment=pretrain_ptbxl` through the CLI: its data module has no manifest and its checkpoint is not a
+    predictor. Before the fix the hint read `datamodule.manifest` and the finished run crashed with
+    AttributeError (exit 1) after writing its report."""
+    import ecg_inception.cli.train as cli
+
+    best = str(tmp_path / "checkpoints" / "epoch_004-auroc_0.8324.ckpt")
+    metrics = {"task": "multilabel", "best_checkpoint": best, "logged": {"val/auroc_macro_best": 0.83},
+               "test": {"accuracy": 0.34, "f1_macro": 0.36, "auroc_macro": 0.79}}
+    monkeypatch.setattr(cli, "train", lambda cfg: (metrics, {"datamodule": SimpleNamespace(labels=["NORM"])}))
+    monkeypatch.setattr(sys, "argv", ["ecg-inception-train", "optimized_metric=val/auroc_macro_best",
+                                      f"hydra.run.dir={tmp_path}", "hydra/job_logging=none",
+                                      "hydra/hydra_logging=none"])
+    cli.main()
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-2] == "Test macro AUROC 0.790, macro-F1 0.360"
+    assert lines[-1] == ("Fine-tune next: ecg-inception-train experiment=finetune_cpu data.root=<your printouts> "
+                         f"model.pretrained_file={best}")

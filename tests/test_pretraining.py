@@ -128,11 +128,19 @@ def test_pretrain_resume_then_finetune_and_mismatch(ptbxl_root: Path, synthetic_
     assert json.loads((tmp_path / "pre" / "metrics.json").read_text())["labels"] == list(SUPERCLASSES)
     last = tmp_path / "pre" / "checkpoints" / "last.ckpt"
     assert last.is_file()
+    log_file = tmp_path / "pre" / "csv" / "metrics.csv"
+    first_rows = log_file.read_text().splitlines()[1:]
+    assert any(row.startswith("0,") for row in first_rows)
 
     # resume the same run for one more epoch (ckpt_path=last: this run dir's checkpoints/last.ckpt)
     resumed, _ = train(compose_cfg("train", [*base, "trainer.max_epochs=2", "ckpt_path=last",
                                              *quiet(tmp_path, "pre")]))
     assert resumed["epochs"] == 2 and resumed["status"] == "ok"
+    # the resumed run appends to metrics.csv (before the fix pretraining deleted it: epoch 0's rows were gone)
+    resumed_rows = [dict(zip(header, row.split(","), strict=False)) for header in
+                    [log_file.read_text().splitlines()[0].split(",")] for row in log_file.read_text().splitlines()[1:]]
+    assert {r["epoch"] for r in resumed_rows} >= {"0", "1"}
+    assert sum(r["epoch"] == "0" for r in resumed_rows) == len([r for r in first_rows if r.startswith("0,")])
     best = resumed["best_checkpoint"]
     assert best and Path(best).is_file()
 

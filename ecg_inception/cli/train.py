@@ -32,7 +32,10 @@ def main(cfg: DictConfig) -> float | None:
         metrics, objects = train(cfg)
         print(f"Report: {cfg.paths.output_dir}/metrics.json")
         test = metrics.get("test") or {}
-        if test:
+        if test and metrics.get("task") == "multilabel":  # pretraining: AUROC is what it is judged by
+            auroc, f1 = test.get("auroc_macro"), test.get("f1_macro")
+            print(f"Test macro AUROC {_fmt(auroc)}, macro-F1 {_fmt(f1)}")
+        elif test:
             leaky = " (LEAKY: paper protocol)" if metrics.get("leaky") else ""
             print(f"Test accuracy {test['accuracy']:.3f}, macro-F1 {test['f1_macro']:.3f}{leaky}")
         hint = predict_hint(metrics, objects)
@@ -46,8 +49,15 @@ def main(cfg: DictConfig) -> float | None:
     return job.value
 
 
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def predict_hint(metrics: dict[str, Any], objects: dict[str, Any]) -> str | None:
     """One `ecg-inception-predict` command on the run's best checkpoint and a page of its test split.
+
+    For a multi-label pretraining run (`experiment=pretrain_ptbxl`), whose checkpoint is meant for
+    `model.pretrained_file`, the fine-tuning command instead.
 
     Args:
         metrics: What `train` returned (its `best_checkpoint`).
@@ -59,6 +69,9 @@ def predict_hint(metrics: dict[str, Any], objects: dict[str, Any]) -> str | None
     best, datamodule = metrics.get("best_checkpoint"), objects.get("datamodule")
     if not best or datamodule is None:
         return None
+    if metrics.get("task") == "multilabel":  # a pretraining checkpoint is a starting point, not a predictor
+        return (f"Fine-tune next: ecg-inception-train experiment=finetune_cpu data.root=<your printouts> "
+                f"model.pretrained_file={shlex.quote(str(best))}")
     rows = datamodule.manifest.split_rows("test")
     if not rows:
         return None
