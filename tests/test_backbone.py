@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -32,7 +33,8 @@ def imagenet_like(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[
     state = {k: v.clone() for k, v in model.state_dict().items()}
     path = tmp_path_factory.mktemp("weights") / TV_FILE
     torch.save(state, path)
-    return path, state
+    yield path, state
+    shutil.rmtree(path.parent, ignore_errors=True)
 
 
 @pytest.fixture

@@ -31,7 +31,8 @@ def run_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory, one_
              "+callbacks.ema={_target_:ecg_inception.callbacks.EmaWeights,decay:0.9,start_epoch:0}"]
     cfg = compose_cfg("train", tiny_overrides(synthetic_root, tmp) + extra)
     train(cfg)
-    return Path(cfg.paths.output_dir)
+    yield Path(cfg.paths.output_dir)
+    shutil.rmtree(tmp, ignore_errors=True)  # checkpoints are hundreds of MiB: free the disk for the next module
 
 
 def copy_run(run_dir: Path, dest: Path) -> Path:

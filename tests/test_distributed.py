@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,9 @@ def convnext_runs(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory
         proc = run_cli([*_equivalence_args(synthetic_root, tmp, "test_convnext"), *extra], tmp)
         assert proc.returncode == 0, proc.stderr[-4000:]
         runs[name] = tmp
-    return runs
+    yield runs
+    for tmp in runs.values():
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -125,7 +125,8 @@ def paper_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory, on
     overrides = tiny_overrides(synthetic_root, tmp) + ["data.protocol=paper", "trainer.max_epochs=1"]
     metrics, _ = train(compose_cfg("train", overrides))
     assert metrics["status"] == "ok" and metrics["protocol"] == "paper"
-    return {"ckpt": Path(metrics["best_checkpoint"]), "run": tmp / "run", "metrics": metrics}
+    yield {"ckpt": Path(metrics["best_checkpoint"]), "run": tmp / "run", "metrics": metrics}
+    shutil.rmtree(tmp, ignore_errors=True)  # checkpoints are hundreds of MiB: free the disk for the next module
 
 
 def test_eval_all_on_a_paper_run_uses_the_runs_protocol(paper_run: dict, synthetic_root: Path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ def exported(tiny_run: dict, tmp_path_factory: pytest.TempPathFactory, one_threa
     paths = {"onnx": out / "model.onnx", "torch-export": out / "model.pt2"}
     for fmt, path in paths.items():
         assert export_main([str(tiny_run["ckpt"]), "--format", fmt, "--out", str(path)]) == 0
-    return paths
+    yield paths
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def _files(tiny_run: dict) -> list[Path]:

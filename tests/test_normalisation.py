@@ -28,7 +28,8 @@ def gluon_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory):
         "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "test=false", "plots=false",
     ]  # fmt: skip
     metrics, objects = train(compose_cfg("train", overrides))
-    return tmp, objects
+    yield tmp, objects
+    shutil.rmtree(tmp, ignore_errors=True)  # checkpoints are hundreds of MiB: free the disk for the next module
 
 
 def test_a_hub_tag_sets_its_own_normalisation(gluon_run) -> None:

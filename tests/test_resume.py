@@ -6,6 +6,7 @@ import csv
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,7 +52,8 @@ def straight(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     tmp = tmp_path_factory.mktemp("straight")
     proc = _run(_cmd(synthetic_root, tmp, tmp / "run"), tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "run"
+    yield tmp / "run"
+    shutil.rmtree(tmp, ignore_errors=True)  # checkpoints are hundreds of MiB: free the disk for the next module
 
 
 def _epoch_0_finished(metrics_csv: Path) -> bool:
