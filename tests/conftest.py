@@ -161,6 +161,21 @@ def tiny_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return {"ckpt": best, "run": tmp / "run", "metrics": metrics, "objects": objects}
 
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str):
+    """A script of examples/ imported as a module (examples/ on sys.path, for the scripts' own imports)."""
+    import importlib.util
+
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_checkpoint_file(path: Path) -> dict:
     """A checkpoint file as torch reads it (weights_only), for tests that compare raw states."""
     import torch

@@ -3,29 +3,16 @@ end (both protocols, 2 seeds, 1 epoch) with the resume."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import load_example
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def _load(name: str):
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-stats = _load("leak_stats")
-study = _load("leak_study")
+stats = load_example("leak_stats")
+study = load_example("leak_study")
 
 
 def onehot(pred: list[int], n: int = 3) -> np.ndarray:
