@@ -60,7 +60,7 @@ def test_json_output_and_a_clean_run_exits_zero(tiny_run: dict, mixed_inputs, tm
     inputs, _ = mixed_inputs
     out = tmp_path / "preds.json"
     assert main([str(tiny_run["ckpt"]), inputs[0], inputs[1], "--out", str(out), "--num-workers", "0",
-                 "--low-confidence", "1.0", "--tta"]) == 0
+                 "--prep-threads", "2", "--low-confidence", "1.0", "--tta"]) == 0
     data = json.loads(out.read_text())
     assert data["summary"] == {"ok": 3, "failed": 0, "crop_fallback": 0, "low_confidence": 3, "skipped": 1}
     record = data["predictions"][0]
@@ -73,3 +73,8 @@ def test_an_unusable_checkpoint_exits_two(tmp_path: Path, capsys) -> None:
     bad.write_text("nope")
     assert main([str(bad), str(tmp_path)]) == 2
     assert "bad.ckpt" in capsys.readouterr().err
+
+
+def test_a_bad_thread_count_exits_two_naming_it(tiny_run: dict, tmp_path: Path, capsys) -> None:
+    assert main([str(tiny_run["ckpt"]), str(tmp_path), "--prep-threads", "0"]) == 2
+    assert "prep_threads must be >= 1, got 0" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+from ecg_inception.core.cpus import usable_cpus
 from ecg_inception.errors import CheckpointError, UnreadableImageError
 from ecg_inception.inference import Predictor
-from ecg_inception.inference.inputs import expand_inputs
+from ecg_inception.inference.inputs import PageDataset, expand_inputs
 from ecg_inception.inference.tta import shift_image, tta_views
 
 
@@ -175,6 +177,47 @@ def test_unknown_preprocessing_version_and_bad_temperature_are_refused(tiny_run:
     torch.save(dict(raw, temperature=float("nan")), tmp_path / "nan.ckpt")
     with pytest.raises(CheckpointError, match="nan.ckpt.*temperature"):
         Predictor.from_checkpoint(tmp_path / "nan.ckpt", device="cpu")
+
+
+def test_prep_threads_preprocess_a_batch_at_once_with_the_same_records(tiny_run: dict, predictor: Predictor,
+                                                                       tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no worker, a batch's pages go to `prep_threads` threads; records (errors included) keep their
+    order and equal the one-thread records bit for bit, and torch's thread count is restored."""
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG not really")
+    files = [*_test_files(tiny_run)[:2], corrupt, *_test_files(tiny_run)[2:5]]
+    seen_threads: set[str] = set()
+    item = PageDataset._item
+
+    def spy(self, i):
+        seen_threads.add(threading.current_thread().name)
+        return item(self, i)
+
+    monkeypatch.setattr(PageDataset, "_item", spy)
+    one = Predictor(predictor.forward, predictor.labels, predictor.preprocessing, batch_size=3, num_workers=0,
+                    prep_threads=1)
+    expected = one.predict(files)
+    assert seen_threads == {threading.main_thread().name}
+    seen_threads.clear()
+    threads = torch.get_num_threads()
+    two = Predictor(predictor.forward, predictor.labels, predictor.preprocessing, batch_size=3, num_workers=0,
+                    prep_threads=2)
+    got = two.predict(files)
+    assert torch.get_num_threads() == threads
+    assert seen_threads and all(name.startswith("ecg-prep") for name in seen_threads)
+    assert [r.path for r in got] == [r.path for r in expected] == [str(f) for f in files]
+    assert [r.error for r in got] == [r.error for r in expected] and got[2].error
+    ok = [i for i, r in enumerate(expected) if r.ok]
+    assert torch.equal(_probs([got[i] for i in ok]), _probs([expected[i] for i in ok]))
+    assert [r.crop_box for r in got] == [r.crop_box for r in expected]
+    # The CPU default: no worker (they only compete with the model's threads), every CPU preprocessing.
+    plain = Predictor(predictor.forward, predictor.labels, predictor.preprocessing, batch_size=1)
+    assert plain.loader(expand_inputs(files)).num_workers == 0 and plain.prep_threads == usable_cpus()
+    with pytest.raises(ValueError, match="prep_threads"):
+        Predictor(predictor.forward, predictor.labels, predictor.preprocessing, prep_threads=0)
+    with pytest.raises(ValueError, match="threads"):
+        PageDataset([], predictor.preprocessing, threads=0)
 
 
 def test_model_threads_apply_while_predicting_and_are_restored(tiny_run: dict) -> None:

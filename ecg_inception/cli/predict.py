@@ -36,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     parser.add_argument("--num-workers", type=int, default=None,
-                        help="processes that decode and preprocess while the model runs (default: by CPUs)")
+                        help="processes that decode and preprocess while the model runs (default: none on the "
+                             "CPU, where --prep-threads preprocess each batch; by CPUs on a GPU)")
+    parser.add_argument("--prep-threads", type=int, default=None,
+                        help="with --num-workers 0: threads that preprocess each batch (default: the CPUs)")
     parser.add_argument("--low-confidence", type=float, default=DEFAULT_LOW_CONFIDENCE,
                         help="flag a record whose top probability is below this")
     parser.add_argument("--tta", action="store_true",
@@ -56,7 +59,7 @@ def load_predictor(args: argparse.Namespace) -> Predictor:
     from ecg_inception.inference.predictor import Predictor as _Predictor
 
     kwargs = dict(device=args.device, batch_size=args.batch_size, num_workers=args.num_workers,
-                  low_confidence=args.low_confidence, tta=args.tta)
+                  low_confidence=args.low_confidence, tta=args.tta, prep_threads=args.prep_threads)
     if Path(args.model).suffix.lower() in (".onnx", ".pt2"):
         return load_exported(args.model, **kwargs)
     return _Predictor.from_checkpoint(args.model, **kwargs)

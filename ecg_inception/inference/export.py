@@ -181,6 +181,7 @@ def load_exported(
     num_workers: int | None = None,
     low_confidence: float = DEFAULT_LOW_CONFIDENCE,
     tta: bool = False,
+    prep_threads: int | None = None,
 ) -> Any:
     """A Predictor running an exported model (ONNX through onnxruntime, or a `.pt2`) with the library's own
     preprocessing, as its sidecar describes it.
@@ -192,6 +193,7 @@ def load_exported(
         num_workers: DataLoader workers (see `Predictor`).
         low_confidence: Top-probability threshold of the `low_confidence` flag.
         tta: Shifted-view test-time augmentation by default.
+        prep_threads: Threads that preprocess a batch when no worker does (see `Predictor`).
 
     Returns:
         An `inference.Predictor`.
@@ -209,4 +211,5 @@ def load_exported(
     dev = resolve_device(device)
     return Predictor(_forward_fn(path, side["format"], dev), side["labels"], side["preprocessing"], device=dev,
                      batch_size=batch_size, num_workers=num_workers, low_confidence=low_confidence, tta=tta,
-                     temperature=float(side.get("temperature", 1.0)), source=str(path))  # fmt: skip
+                     temperature=float(side.get("temperature", 1.0)), source=str(path),
+                     prep_threads=prep_threads)  # fmt: skip

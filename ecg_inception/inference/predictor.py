@@ -1,8 +1,9 @@
 """Predictor: a trained checkpoint (or an exported model) meets new printouts.
 
 Everything about the input comes from what training stored: labels, the `preprocessing` dict (crop, size,
-resize, interpolation, ink, mean and std) and the temperature. Pages are decoded, cropped and resized in
-DataLoader workers (`inputs.PageDataset`) while the model runs on the previous batch.
+resize, interpolation, ink, mean and std) and the temperature. Pages are decoded, cropped and resized
+(`inputs.PageDataset`) in DataLoader workers while the model runs on the previous batch, or, with no worker,
+a batch at a time on `prep_threads` threads between forward passes.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import DataLoader
 
+from ecg_inception.core.cpus import usable_cpus
 from ecg_inception.data.datamodule import default_num_workers
 from ecg_inception.data.pages import check_preprocessing
 from ecg_inception.data.transforms import Normalize
@@ -62,8 +64,9 @@ class Predictor:
         preprocessing: The checkpoint's `preprocessing` dict.
         device: Where batches go.
         batch_size: Pages per forward pass.
-        num_workers: DataLoader workers that decode and preprocess (None: `default_num_workers()`, and none
-            for inputs that fit in one batch).
+        num_workers: DataLoader workers that decode and preprocess (None: none on the CPU, where each batch
+            is preprocessed on `prep_threads` threads instead; `default_num_workers()` on an accelerator, and
+            none for inputs that fit in one batch).
         low_confidence: A record whose top probability is below this is flagged `low_confidence`.
         tta: Average the probabilities over whole-pixel shifted views (`inference.tta`) by default.
         temperature: The temperature `forward` applies (for information; `forward` applies it).
@@ -71,6 +74,11 @@ class Predictor:
         model_threads: torch intra-op threads while predicting on the CPU (None: leave torch's setting). On 2
             cores, 2 model threads beside 1-2 decode workers were faster than giving the model only the cores
             the workers leave (docs/performance.md).
+        prep_threads: Threads that preprocess the pages of a batch at once when no DataLoader worker does
+            (None: the usable CPUs). Workers preprocess one page at a time each.
+
+    Raises:
+        ValueError: A count or threshold out of range.
     """
 
     def __init__(
@@ -87,6 +95,7 @@ class Predictor:
         temperature: float = 1.0,
         source: str = "",
         model_threads: int | None = None,
+        prep_threads: int | None = None,
     ) -> None:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -96,6 +105,8 @@ class Predictor:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if model_threads is not None and int(model_threads) < 1:
             raise ValueError(f"model_threads must be >= 1, got {model_threads}")
+        if prep_threads is not None and int(prep_threads) < 1:
+            raise ValueError(f"prep_threads must be >= 1, got {prep_threads}")
         self.forward = forward
         self.labels = list(labels)
         self.preprocessing = check_preprocessing(preprocessing, source or "preprocessing")
@@ -107,6 +118,7 @@ class Predictor:
         self.temperature = float(temperature)
         self.source = source
         self.model_threads = None if model_threads is None else int(model_threads)
+        self.prep_threads = usable_cpus() if prep_threads is None else int(prep_threads)
         self.normalize = Normalize(self.preprocessing["mean"], self.preprocessing["std"])
         #: The EcgClassifier behind `forward` (None for an exported model).
         self.model: Any = None
@@ -121,6 +133,7 @@ class Predictor:
         low_confidence: float = DEFAULT_LOW_CONFIDENCE,
         tta: bool = False,
         model_threads: int | None = None,
+        prep_threads: int | None = None,
     ) -> Predictor:
         """A Predictor around the EcgClassifier of a checkpoint (offline, `weights_only=True`).
 
@@ -132,6 +145,7 @@ class Predictor:
             low_confidence: Top-probability threshold of the `low_confidence` flag.
             tta: Shifted-view test-time augmentation by default.
             model_threads: torch intra-op threads while predicting on the CPU (None: torch's setting).
+            prep_threads: Threads that preprocess a batch when no worker does (None: the usable CPUs).
 
         Returns:
             The Predictor.
@@ -149,7 +163,8 @@ class Predictor:
 
         predictor = cls(forward, model.labels, model.hparams["preprocessing"], device=dev, batch_size=batch_size,
                         num_workers=num_workers, low_confidence=low_confidence, tta=tta,
-                        temperature=model.temperature, source=str(path), model_threads=model_threads)  # fmt: skip
+                        temperature=model.temperature, source=str(path), model_threads=model_threads,
+                        prep_threads=prep_threads)  # fmt: skip
         predictor.model = model
         return predictor
 
@@ -157,13 +172,18 @@ class Predictor:
     def loader(self, expanded: ExpandedInputs) -> DataLoader:
         """The DataLoader that decodes and preprocesses `expanded.items` in order."""
         n_batches = math.ceil(len(expanded.items) / self.batch_size)
-        if self.num_workers is None:  # a single batch has nothing to overlap with
-            workers = default_num_workers() if n_batches > 1 else 0
+        if self.num_workers is None:
+            # On the CPU the model's threads already fill the cores: a worker only competes with them, and a
+            # batch preprocessed on prep_threads threads between forward passes was faster (docs/performance.md).
+            # On an accelerator workers overlap decoding with the forward pass; a single batch has nothing to
+            # overlap with.
+            workers = default_num_workers() if n_batches > 1 and self.device.type != "cpu" else 0
         else:
             workers = int(self.num_workers)
         workers = min(workers, n_batches)
         return DataLoader(
-            PageDataset(expanded.items, self.preprocessing), batch_size=self.batch_size, shuffle=False,
+            PageDataset(expanded.items, self.preprocessing, threads=self.prep_threads), batch_size=self.batch_size,
+            shuffle=False,
             num_workers=workers, collate_fn=collate_pages, pin_memory=self.device.type == "cuda",
         )  # fmt: skip
 

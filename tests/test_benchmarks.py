@@ -1,0 +1,40 @@
+"""Benchmarks run end to end at toy sizes, so a library change cannot silently break them (figures meaningless).
+
+Each runs in its own process: a benchmark sets torch's threads, warning filters and log levels for the whole
+process (`_common.quiet_warnings`), which must not leak into the tests that follow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_benchmark(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python benchmarks/<name>.py *args` on one OpenMP thread; stdout and stderr captured."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_bench_inference_folder_rows_run_and_name_the_predictor_default(tmp_path: Path) -> None:
+    """The folder rows build a Predictor from a preprocessing dict as a checkpoint stores it: before the fix
+    the dict lacked `version` and every folder row died on the preprocessing-version check."""
+    out = tmp_path / "inference.json"
+    proc = run_benchmark("bench_inference", "--size", "75", "--no-aux", "--batch-size", "2", "--rounds", "1",
+                         "--warmup", "0", "--train-rounds", "0", "--no-onnx", "--folder-pages", "4",
+                         "--folder-rounds", "1", "--folder-scale", "0.25", "--folder-batch-size", "2",
+                         "--explain-pages", "0", "--threads", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = json.loads(out.read_text())["figures"]["folder"]
+    assert folder["pages"] == 4 and folder["bound_img_s"] > 0
+    names = set(folder["img_s"])
+    assert {n for n in names if n.startswith("0 worker(s)")} == {
+        n for n in names if n.endswith(("prep threads 1", f"prep threads {folder['cores']}"))}
+    assert folder["default_setup"] in names
+    assert all(rate > 0 for rate in folder["img_s"].values())
