@@ -135,6 +135,10 @@ def test_plan_augmentation_views_and_gradual_unfreezing(net: torch.nn.Module) ->
     assert plan.views == 2 and plan.augmented and "view e % 2" in plan.reason
     plan = plan_trunk_cache(head_only, True, 3, augment=False)
     assert plan.views == 1 and not plan.augmented and "ignored" in plan.reason
+    plan = plan_trunk_cache(head_only, "auto", 4, augment=True, page_augment=True)  # no views of a whole page
+    assert plan.split is None and "page_augment" in plan.reason
+    with pytest.raises(ValueError, match="page_augment"):
+        plan_trunk_cache(head_only, "on", None, page_augment=True)
     assert plan_trunk_cache(head_only, "off").split is None
     gradual = plan_trunk_cache(head_only, "auto", gradual_unfreeze={"schedule": {2: 1, 4: 3}})
     assert gradual.split is not None and gradual.split.boundary == "Mixed_6e"

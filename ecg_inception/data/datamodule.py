@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from ecg_inception.data.cache import (
 )
 from ecg_inception.data.dataset import EcgImageDataset
 from ecg_inception.data.manifest import SPLITS, Manifest
+from ecg_inception.data.page_augment import PageAugment
 from ecg_inception.data.protocols import protocol_defaults
 from ecg_inception.data.scale import CANONICAL_PX_PER_MM
 from ecg_inception.data.split import check_fractions, make_split
@@ -97,6 +98,9 @@ class EcgDataModule(L.LightningDataModule):
         crop: crop to the grid box; None: the protocol's default (on for leakfree, off for paper).
         augment: train-time augmentation on or off.
         augment_kind: `ecg`, `shift`, `paper` or `none`; None: `paper` for the paper protocol, else `ecg`.
+        page_augment: scanner augmentation of the decoded training page before preprocessing (a
+            `PageAugment` or its mapping `{scale, jpeg_quality, jpeg_p}`; None: off); applies when `augment`
+            is on, whatever `augment_kind` says, and makes the training split bypass the decoded cache.
         drop_last: drop the last incomplete train batch (BatchNorm in inception_v3's aux head needs it).
         cache_dir: root of the caches; None: `$ECG_INCEPTION_CACHE` or `~/.cache/ecg_inception` (decoded
             images under `decoded/`, synthetic sets under `synthetic/`).
@@ -147,6 +151,7 @@ class EcgDataModule(L.LightningDataModule):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         interpolation: str | None = None,
+        page_augment: Mapping[str, Any] | PageAugment | None = None,
     ) -> None:
         super().__init__()
         crop_default = self._configure_split(
@@ -156,7 +161,7 @@ class EcgDataModule(L.LightningDataModule):
         self._configure_preprocessing(
             model_name, image_size, resize, crop_default if crop is None else crop, ink, mean, std, interpolation
         )
-        self._configure_augmentation(augment, augment_kind)
+        self._configure_augmentation(augment, augment_kind, page_augment)
         self._configure_sources(cache_dir, decoded_cache, synthetic_per_class, make_default_root)
         self._validate()
         self._init_state()
@@ -242,15 +247,22 @@ class EcgDataModule(L.LightningDataModule):
             if v is not None
         }  # fmt: skip
 
-    def _configure_augmentation(self, augment: bool, augment_kind: str | None) -> None:
+    def _configure_augmentation(
+        self, augment: bool, augment_kind: str | None, page_augment: Mapping[str, Any] | PageAugment | None = None
+    ) -> None:
         """Train-time augmentation.
 
         Args:
             augment: on or off.
             augment_kind: `ecg`, `shift`, `paper` or `none`; None: `paper` for the paper protocol, else `ecg`
                 (checked by `_validate`).
+            page_augment: page-level scanner augmentation (None: off).
+
+        Raises:
+            ConfigValueError: a bad `page_augment` (named).
         """
         self.augment = bool(augment)
+        self.page_augment = PageAugment.from_config(from_omegaconf(page_augment))
         self.augment_kind = (
             augment_kind if augment_kind is not None else ("paper" if self.protocol == "paper" else "ecg")
         )
@@ -403,7 +415,7 @@ class EcgDataModule(L.LightningDataModule):
             self._datasets[split] = EcgImageDataset(
                 self.dataset_root(), manifest.split_rows(split), manifest.labels, self.data_config,
                 resize=self.resize, crop=self.crop, augment=augment if split == "train" else None, cache=cache,
-                ink=self.ink,
+                ink=self.ink, page_augment=self.page_augment if split == "train" and self.augment else None,
             )  # fmt: skip
 
     # -- loaders ----------------------------------------------------------------------------------

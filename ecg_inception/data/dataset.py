@@ -1,11 +1,13 @@
 """EcgImageDataset: the files of one split -> (normalised float tensor [3, H, W], class index).
 
 Each item is decoded, cropped, scaled and resized by `data.pages.preprocess_with` (the step prediction shares),
-optionally through the decoded cache, then augmented (train only) and normalised.
+optionally through the decoded cache, then augmented (train only) and normalised. With a `PageAugment` (train
+only) the decoded page is rescaled and re-encoded before preprocessing, on every fetch, never from the cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -16,13 +18,31 @@ from ecg_inception.core.cpus import torch_threads
 from ecg_inception.core.hashing import file_sha256
 from ecg_inception.data.cache import DecodedCache, PreprocessSettings
 from ecg_inception.data.manifest import ManifestRow
+from ecg_inception.data.page_augment import PageAugment
 from ecg_inception.data.pages import preprocess_with
 from ecg_inception.data.transforms import DataConfig, Normalize
 from ecg_inception.errors import ManifestError
 
 
 class EcgImageDataset(Dataset):
-    """The files of one split -> (normalised float tensor [3, H, W], class index)."""
+    """The files of one split -> (normalised float tensor [3, H, W], class index).
+
+    Args:
+        root: The folder the manifest's paths are relative to.
+        rows: The split's manifest rows.
+        labels: Class names; a row's label gives its index.
+        config: Size, mean, std and interpolation.
+        resize: `squash` or `letterbox`.
+        crop: Crop to each row's grid box.
+        augment: Tensor augmentation of the preprocessed uint8 image (train only).
+        cache: The decoded cache (None: preprocess on every fetch).
+        ink: Grid removal before resizing.
+        page_augment: Scanner augmentation of the decoded page before preprocessing (train only; bypasses
+            `cache`).
+
+    Raises:
+        ManifestError: A row's label is not in `labels`, or crop is on and a row has no box.
+    """
 
     def __init__(
         self,
@@ -35,6 +55,7 @@ class EcgImageDataset(Dataset):
         augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
         cache: DecodedCache | None = None,
         ink: bool = False,
+        page_augment: PageAugment | None = None,
     ) -> None:
         self.root = Path(root)
         self.rows = list(rows)
@@ -49,6 +70,7 @@ class EcgImageDataset(Dataset):
             settings = PreprocessSettings(config.size, resize, config.interpolation, crop, box, bool(ink))
             self.settings.append(settings)
         self.augment = augment
+        self.page_augment = page_augment
         self.cache = cache
         self.normalize = Normalize(config.mean, config.std)
 
@@ -63,17 +85,35 @@ class EcgImageDataset(Dataset):
         """Preprocessed (cropped, resized), not augmented uint8 [3, H, W] image of item `i`."""
         from ecg_inception.data.scan import open_rgb
 
-        row, settings = self.rows[i], self.settings[i]
-        path = self.root / row.path
-        if row.sha256 and file_sha256(path) != row.sha256:
-            raise ManifestError(
-                f"{path}: file content differs from the manifest's sha256; re-split the folder"
-            )
+        path, settings = self._checked_path(i), self.settings[i]
 
         def build() -> torch.Tensor:
             return preprocess_with(open_rgb(path), settings)
 
         return self.cache.get(path, settings, build) if self.cache is not None else build()
+
+    def load_page_augmented(self, i: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Item `i` preprocessed from one `page_augment` draw of its decoded page (uint8 [3, H, W]).
+
+        Raises:
+            ValueError: The dataset has no `page_augment`.
+        """
+        from ecg_inception.data.scan import open_rgb
+
+        if self.page_augment is None:
+            raise ValueError("this dataset has no page_augment")
+        path, settings = self._checked_path(i), self.settings[i]
+        page, box = self.page_augment(open_rgb(path), settings.box if settings.crop else None, generator)
+        return preprocess_with(page, dataclasses.replace(settings, box=box))
+
+    def _checked_path(self, i: int) -> Path:
+        row = self.rows[i]
+        path = self.root / row.path
+        if row.sha256 and file_sha256(path) != row.sha256:
+            raise ManifestError(
+                f"{path}: file content differs from the manifest's sha256; re-split the folder"
+            )
+        return path
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if get_worker_info() is not None:
@@ -92,7 +132,7 @@ class EcgImageDataset(Dataset):
             return [self._item(i) for i in indices]
 
     def _item(self, i: int) -> tuple[torch.Tensor, int]:
-        img = self.load_uint8(i)
+        img = self.load_page_augmented(i) if self.page_augment is not None else self.load_uint8(i)
         if self.augment is not None:
             img = self.augment(img)
         return self.normalize(img), self.index[self.rows[i].label]

@@ -438,9 +438,10 @@ def use_trunk_cache(
         TypeError: the cache applies but `model` has no `trunk_split` hook.
     """
     hparams = getattr(model, "hparams", {}) or {}
-    plan = plan_trunk_cache(model.backbone, mode, views,
-                            augment=datamodule.dataset("train").augment is not None,
-                            gradual_unfreeze=hparams.get("gradual_unfreeze"))
+    train_set = datamodule.dataset("train")
+    plan = plan_trunk_cache(model.backbone, mode, views, augment=train_set.augment is not None,
+                            gradual_unfreeze=hparams.get("gradual_unfreeze"),
+                            page_augment=getattr(train_set, "page_augment", None) is not None)
     (log.warning if plan.augmented else log.info)(plan.reason)
     if plan.split is None:
         return datamodule

@@ -305,13 +305,14 @@ def _later_trainable(model: nn.Module, schedule: dict | None) -> list[str] | Non
 
 def plan_trunk_cache(
     model: nn.Module, mode: bool | str | None, views: int | str | None = None, augment: bool = False,
-    gradual_unfreeze: dict | None = None,
+    gradual_unfreeze: dict | None = None, page_augment: bool = False,
 ) -> TrunkCachePlan:
     """Decide whether (and where) to cache the frozen trunk; `on` raises where the cache cannot be valid.
 
     The cut lies before the first stage that trains now or under the gradual-unfreezing schedule. With
     train-time augmentation the cache holds `views` pre-drawn views (epoch e trains on view e % views); `auto`
-    without a view count stays off rather than silently train on unaugmented images.
+    without a view count stays off rather than silently train on unaugmented images. Page-level augmentation
+    (`page_augment`, drawn on the decoded page before preprocessing) has no pre-drawn views: no cache.
     """
     mode, views = parse_trunk_cache(mode), parse_views(views)
     if mode == "off":
@@ -331,6 +332,8 @@ def plan_trunk_cache(
         split = TrunkSplit(model, stages[cut - 1] if cut < len(stages) else HEAD)
         if problems := split.nondeterminism():
             why = "the frozen prefix is not deterministic: " + "; ".join(problems[:3])
+    if not why and page_augment:
+        why = "data.page_augment redraws every training page before preprocessing: no features to cache"
     if why:
         if mode == "on":
             raise ValueError(f"model.trunk_cache=on but {why}")
