@@ -19,22 +19,19 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from ecg_inception.callbacks import FiniteLoss
 from ecg_inception.distributed import is_rank_zero
 from ecg_inception.errors import ConfigValueError
 from ecg_inception.models.backbone import check_pretrained_available
-from ecg_inception.models.checkpoint import load_checkpoint
 from ecg_inception.models.multilabel import MultiLabelClassifier
-from ecg_inception.report import MetricsHistory, write_report
-from ecg_inception.resume import RngState, resumed_step
+from ecg_inception.report import write_report
 from ecg_inception.run_setup import check_train_config, data_overrides_for_weights, fit_with_status
 from ecg_inception.training import (
     _best_checkpoint,
     _scalar_metrics,
     build_trainer,
-    instantiate_callbacks,
     plots_enabled,
     resolve_ckpt_path,
+    resume_step_of,
 )
 
 log = logging.getLogger(__name__)
@@ -73,10 +70,7 @@ def pretrain(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     )
     check_train_config(cfg)
     ckpt = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, Path(str(cfg.paths.log_dir)), str(cfg.task_name))
-    resume_step = None
-    if ckpt is not None:  # a corrupt or unsafe file fails here, before any rendering
-        resume_step = resumed_step(load_checkpoint(ckpt))
-        log.info("Resuming from %s (step %d)", ckpt, resume_step)
+    resume_step = resume_step_of(ckpt)  # a corrupt or unsafe file fails here, before any rendering
     # ImageNet -> PTB-XL: a hub tag or an ImageNet file selects its normalisation, as in fine-tuning
     datamodule = instantiate(cfg.data, _partial_=True)(
         drop_last=bool(cfg.model.get("aux_logits", False)), **data_overrides_for_weights(cfg)
@@ -91,9 +85,7 @@ def pretrain(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
             f"pretraining needs model._target_=ecg_inception.models.multilabel.MultiLabelClassifier, got "
             f"{type(model).__name__}"
         )
-    history = MetricsHistory()
-    callbacks = [*instantiate_callbacks(cfg.get("callbacks")), history, FiniteLoss(), RngState()]
-    trainer = build_trainer(cfg, model, callbacks, output_dir, resume_step)
+    trainer, history = build_trainer(cfg, model, output_dir, resume_step)
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer, "history": history}
     base: dict[str, Any] = {"task": "multilabel", "pretraining": "ptbxl", "labels": list(datamodule.labels),
                             "seed": int(cfg.seed), "data": datamodule.describe()}
@@ -106,12 +98,12 @@ def pretrain(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if stopped is not None:
         return stopped, objects
     logged = _scalar_metrics(trainer)
-    best, eval_ckpt = _best_checkpoint(callbacks)
+    best, eval_ckpt = _best_checkpoint(trainer.callbacks)
     trainer.validate(model=model, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False, weights_only=True)
     if cfg.get("test", True):
         trainer.test(model=model, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False, weights_only=True)
     logged.update({k: v for k, v in _scalar_metrics(trainer).items() if k.startswith(("test/", "val/"))})
-    last = next((c.last_model_path or c.best_model_path for c in callbacks
+    last = next((c.last_model_path or c.best_model_path for c in trainer.callbacks
                  if isinstance(c, ModelCheckpoint) and not c.monitor), None)
     metrics: dict[str, Any] = {
         "status": "ok", **base,

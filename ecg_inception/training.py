@@ -254,28 +254,44 @@ def get_metric_value(metrics: dict[str, Any], name: str | None) -> float | None:
     return float(logged[name])
 
 
-def build_trainer(
-    cfg: DictConfig, model: pl.LightningModule, callbacks: list[Callback], output_dir: Path, resume_step: int | None
-) -> pl.Trainer:
-    """The run's Trainer, as `train` and `pretraining.pretrain` both need it.
+def resume_step_of(ckpt: Path | None) -> int | None:
+    """The global step of the checkpoint a run resumes from (None: a fresh fit), read before any data work.
 
-    Checks that the run folder has room for the checkpoints, appends to `metrics.csv` when resuming (never
-    truncates the rows logged before the checkpoint), turns off Lightning's own per-epoch checkpoint when no
-    ModelCheckpoint is configured, and writes checkpoints atomically (a failed save keeps the previous file).
+    Raises:
+        CheckpointError: a corrupt or unsafe checkpoint (named).
+    """
+    if ckpt is None:
+        return None
+    step = resumed_step(load_checkpoint(ckpt))
+    log.info("Resuming from %s (step %d)", ckpt, step)
+    return step
+
+
+def build_trainer(
+    cfg: DictConfig, model: pl.LightningModule, output_dir: Path, resume_step: int | None
+) -> tuple[pl.Trainer, MetricsHistory]:
+    """The run's Trainer and its metrics history, as `train` and `pretraining.pretrain` both need them.
+
+    The callbacks are the configured ones plus the run's own: the `MetricsHistory` returned, `FiniteLoss`
+    (a non-finite loss stops the fit) and `RngState` (exact resume). Checks that the run folder has room for
+    the checkpoints, appends to `metrics.csv` when resuming (never truncates the rows logged before the
+    checkpoint), turns off Lightning's own per-epoch checkpoint when no ModelCheckpoint is configured, and
+    writes checkpoints atomically (a failed save keeps the previous file).
 
     Args:
-        cfg: the composed config (`trainer`, `logger`).
+        cfg: the composed config (`callbacks`, `trainer`, `logger`).
         model: the module to fit (its size sets the room the checkpoints need).
-        callbacks: the run's callbacks.
         output_dir: the run folder.
-        resume_step: the global step of the checkpoint being resumed, or None for a fresh fit.
+        resume_step: the global step of the checkpoint being resumed (`resume_step_of`), or None.
 
     Returns:
-        The instantiated Trainer.
+        The instantiated Trainer and the history callback it holds.
 
     Raises:
         OutputDirError: the checkpoint folder is not writable or has no room for two checkpoints.
     """
+    history = MetricsHistory()
+    callbacks: list[Callback] = [*instantiate_callbacks(cfg.get("callbacks")), history, FiniteLoss(), RngState()]
     if is_rank_zero() and _writes_checkpoints(callbacks, cfg):
         check_output_dir(output_dir / "checkpoints", CHECKPOINT_FACTOR * state_bytes(model))
     loggers = instantiate_loggers(cfg.get("logger"))
@@ -290,7 +306,7 @@ def build_trainer(
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # temp file + os.replace: a failed save keeps
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # the previous last.ckpt
-    return trainer
+    return trainer, history
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -340,11 +356,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     )
     if not cfg.get("train", True):
         return _test_checkpoint(cfg, ckpt)
-    resume_step = None
+    resume_step = resume_step_of(ckpt)  # a corrupt or unsafe file fails here, before any data work
     if ckpt is not None:
-        # A corrupt or unsafe file fails here, before any data work, with a CheckpointError.
-        resume_step = resumed_step(load_checkpoint(ckpt))
-        log.info("Resuming from %s (step %d)", ckpt, resume_step)
         check_exact_resume(cfg)
     datamodule = setup_datamodule(
         cfg, output_dir, _split_manifest_for(cfg, ckpt), drop_last=bool(cfg.model.get("aux_logits", False)),
@@ -368,9 +381,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     hp = model.hparams
     loaders = use_trunk_cache(model, datamodule, hp.get("trunk_cache", "auto"), hp.get("trunk_cache_views"),
                               hp.get("trunk_cache_verify"))
-    history = MetricsHistory()
-    callbacks = [*instantiate_callbacks(cfg.get("callbacks")), history, FiniteLoss(), RngState()]
-    trainer = build_trainer(cfg, model, callbacks, output_dir, resume_step)
+    trainer, history = build_trainer(cfg, model, output_dir, resume_step)
 
     objects = {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer, "history": history}
     stopped = fit_with_status(
@@ -381,7 +392,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if stopped is not None:
         return stopped, objects
     logged = _scalar_metrics(trainer)
-    best, eval_ckpt = _best_checkpoint(callbacks)
+    best, eval_ckpt = _best_checkpoint(trainer.callbacks)
     trainer.validate(model=model, datamodule=loaders, ckpt_path=eval_ckpt, verbose=False, weights_only=True)
     for key, value in _scalar_metrics(trainer).items():  # a resumed fit that had already finished logs nothing
         logged.setdefault(key, value)
