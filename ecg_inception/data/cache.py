@@ -9,6 +9,8 @@ memory layer sits on top.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -16,9 +18,10 @@ import os
 import struct
 import tempfile
 import threading
+import weakref
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ from ecg_inception.data.crop import CropBox
 CACHE_VERSION = 3  # bump when preprocessing changes in a way the settings do not show (2: EXIF orientation; 3: physical scale, ink by colour)
 _MAGIC = b"ECGU8\x00"
 _HEADER = struct.Struct("<6sHHIII")  # magic, version, channels, height, width, crc32 of the payload
-_SLOTS = 64  # per-process counter rows: main process and DataLoader workers never share a row
+_SLOTS = 64  # counter rows: the main process, then one per DataLoader worker id (two loaders' workers share one)
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +124,26 @@ class DecodedCache:
         self.directory = Path(directory) if directory is not None else default_cache_dir() / "decoded"
         self.memory_bytes = int(memory_mb * 2**20)
         self._counts = torch.zeros((_SLOTS, 4), dtype=torch.int64).share_memory_()
+        # Processes that add to one row (the workers of the train and val loaders, which run at once while the
+        # train loader prefetches; any forked child) take this file's flock: `row += delta` is a read and a
+        # write, and two processes doing it at once lose a count. A lock dies with its holder, so a worker
+        # killed mid-count blocks nobody.
+        self._counts_lock_path: str | None = None
+        try:
+            fd, self._counts_lock_path = tempfile.mkstemp(prefix="ecg_inception-cache-counts-", suffix=".lock")
+            os.close(fd)
+            weakref.finalize(self, _remove_lock_file, self._counts_lock_path, os.getpid())
+        except OSError as err:  # no writable temp folder: counts made at the same instant may be lost
+            log.debug("decoded cache: no lock file for the hit counters (%s)", err)
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._memory_used = 0
         self._lock = threading.RLock()
+        self._counts_lock_fd: tuple[int, int] | None = None  # (pid that opened it, fd)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state.update(_memory=OrderedDict(), _memory_used=0, _lock=None)  # each process keeps its own layer
+        # each process keeps its own memory layer and opens the lock file itself
+        state.update(_memory=OrderedDict(), _memory_used=0, _lock=None, _counts_lock_fd=None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -183,9 +199,43 @@ class DecodedCache:
     def _count(self, hits: int = 0, misses: int = 0, memory_hits: int = 0, corrupt: int = 0) -> None:
         info = get_worker_info()
         slot = 0 if info is None else 1 + info.id % (_SLOTS - 1)
-        with self._lock:
+        delta = torch.tensor([hits, misses, memory_hits, corrupt], dtype=torch.int64)
+        with self._lock, self._counts_locked():
             row = self._counts[slot]
-            row += torch.tensor([hits, misses, memory_hits, corrupt], dtype=torch.int64)
+            row += delta
+
+    @contextlib.contextmanager
+    def _counts_locked(self) -> Iterator[None]:
+        """Hold the counters' file lock (held with `self._lock`, which serialises this process's threads)."""
+        fd = self._counts_lock_fd_of_this_process()
+        if fd is None:  # no lock file (none could be made, or its owner collected this cache): count without
+            yield
+            return
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _counts_lock_fd_of_this_process(self) -> int | None:
+        # A forked child inherits its parent's descriptor, and flock on a shared open file does not exclude
+        # the parent: every process opens the file itself.
+        pid = os.getpid()
+        if self._counts_lock_path is None:
+            return None
+        if self._counts_lock_fd is None or self._counts_lock_fd[0] != pid:
+            try:
+                fd = os.open(self._counts_lock_path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                return None
+            self._counts_lock_fd = (pid, fd)
+        return self._counts_lock_fd[1]
+
+    def __del__(self) -> None:
+        opened = getattr(self, "_counts_lock_fd", None)
+        if opened is not None and opened[0] == os.getpid():
+            with contextlib.suppress(OSError):
+                os.close(opened[1])
 
     def _remember(self, key: str, tensor: torch.Tensor) -> None:
         size = tensor.numel()
@@ -199,6 +249,13 @@ class DecodedCache:
             while self._memory_used > self.memory_bytes:
                 _, old = self._memory.popitem(last=False)
                 self._memory_used -= old.numel()
+
+
+def _remove_lock_file(path: str, owner_pid: int) -> None:
+    """Delete a cache's counter lock file, from the process that created it only."""
+    if os.getpid() == owner_pid:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def _read_entry(entry: Path, expected: tuple[int, int, int]) -> tuple[torch.Tensor | None, bool]:
