@@ -262,11 +262,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     runs: dict[str, dict[int, dict[str, Any]]] = {}
     missing = []
+    if not args.report_only:
+        for seed in args.seeds:
+            for protocol in args.protocols:
+                run_dir = out / "runs" / f"{protocol}-seed{seed}"
+                print(f"[leak study] {protocol} seed {seed}: {train_one(args, protocol, seed, run_dir)}", flush=True)
+    # Read every run after the loop: a run that another invocation was training when this one passed it has
+    # often finished since (it was reported missing when its state was read right after "running elsewhere").
     for seed in args.seeds:
         for protocol in args.protocols:
             run_dir = out / "runs" / f"{protocol}-seed{seed}"
-            if not args.report_only:
-                print(f"[leak study] {protocol} seed {seed}: {train_one(args, protocol, seed, run_dir)}", flush=True)
             if is_finished(run_dir):
                 runs.setdefault(protocol, {})[seed] = load_run(run_dir)
             else:

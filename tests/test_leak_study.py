@@ -158,3 +158,36 @@ def test_tiny_study_end_to_end_with_resume(synthetic_root: Path, tmp_path: Path,
     # A different recipe into the same study folder is refused instead of mixed in.
     with pytest.raises(SystemExit, match="other overrides"):
         study.main([*argv, "model.drop_rate=0.1"])
+
+
+def _finished_run(run_dir: Path, seed: int) -> None:
+    """A run folder as a finished run leaves it: metrics.json (status ok) and the study's test predictions."""
+    labels = ["a", "b"]
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.json").write_text(json.dumps({"status": "ok", "labels": labels}))
+    rows = ["path,sha256,label,target,copy_in_train,prob_a,prob_b"]
+    rows += [f"p{i}.jpg,{i:064x},{labels[i % 2]},{i % 2},{int(i < seed)},{0.9 - 0.8 * (i % 2)},{0.1 + 0.8 * (i % 2)}"
+             for i in range(4)]
+    (run_dir / study.PREDICTIONS).write_text("\n".join(rows) + "\n")
+
+
+def test_a_run_another_invocation_finishes_later_is_in_the_report(tmp_path: Path, monkeypatch, capsys) -> None:
+    # Two invocations share the runs. This one passes paper-seed0 while the other trains it ("running
+    # elsewhere"); the other finishes it while this one trains leakfree-seed0. The report, written after the
+    # loop, must hold both runs: it listed paper-seed0 as "not finished" when its state was read on passing it.
+    out = tmp_path / "study"
+
+    def fake_train_one(args, protocol: str, seed: int, run_dir: Path) -> str:
+        if protocol == "paper":
+            return "running elsewhere"
+        _finished_run(run_dir.with_name(f"paper-seed{seed}"), seed)  # the other invocation's run, done meanwhile
+        _finished_run(run_dir, seed)
+        return "trained in 1 s"
+
+    monkeypatch.setattr(study, "train_one", fake_train_one)
+    result = study.main(["root", "--out", str(out), "--seeds", "1", "--bootstrap", "50"])
+    assert result["missing_runs"] == []
+    assert sorted(result["protocols"]) == ["leakfree", "paper"]
+    assert result["protocols"]["paper"]["copies"]["total"] == {"test_images": 4, "with_copy_in_train": 1}
+    assert "Not finished yet" not in (out / "leak_study.md").read_text()
+    assert "paper seed 1: running elsewhere" in capsys.readouterr().out
