@@ -80,4 +80,4 @@ def test_demo_trains_from_scratch_offline_and_reports(synthetic_root: Path, tmp_
     model = objects["model"]
     assert model.hparams.pretrained is False and all(p.requires_grad for p in model.parameters())
     assert metrics["test"]["confusion_matrix"] and sum(map(sum, metrics["test"]["confusion_matrix"])) > 0
-    assert objects["datamodule"].data_config.size == (96, 192)  # the demo's wide ink input
+    assert objects["datamodule"].data_config.size == (128, 256)  # the demo's wide ink input
