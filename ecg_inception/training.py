@@ -6,13 +6,10 @@ in `ecg_inception.cli` only wrap them with `@hydra.main`. Tests call them with c
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from ecg_inception.callbacks import BestWeights, FiniteLoss
+from ecg_inception.core.locks import file_lock
 from ecg_inception.data.datamodule import EcgDataModule
 from ecg_inception.data.settings import check_run_data
 from ecg_inception.data.whole_folder import check_folder, training_copies, write_whole_folder_manifest
@@ -96,18 +94,6 @@ def instantiate_loggers(logger_cfg: DictConfig | None) -> list[Logger]:
     return instantiate_named("logger", logger_cfg)
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock, so that concurrent sweep jobs create a shared file once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _split_manifest_for(cfg: DictConfig, ckpt: Path | None) -> str | None:
     """The manifest this run must reuse: data.split_manifest, else the resumed run's splits.csv."""
     if cfg.data.get("split_manifest"):
@@ -135,7 +121,7 @@ def setup_datamodule(
     own_copy = str(output_dir / SPLITS_FILE) if is_rank_zero() else None
     if split_manifest is None and shared:
         shared_path = Path(str(shared))
-        with _file_lock(shared_path.with_name(shared_path.name + ".lock")):
+        with file_lock(shared_path.with_name(shared_path.name + ".lock")):
             if not shared_path.is_file():
                 dm = instantiate(cfg.data, _partial_=True)(manifest_out=str(shared_path), **overrides)
                 dm.prepare_data()

@@ -4,6 +4,7 @@
 - `hashing`: sha256 of bytes and of files;
 - `sizes`: `image_size` values <-> (height, width);
 - `cpus`: usable CPUs and a scoped torch thread count;
+- `locks`: an exclusive file lock between processes;
 - `compose`: compose a shipped Hydra config (tests, benchmarks, examples);
 - `moved`: the deprecation shims of moved modules and names.
 """

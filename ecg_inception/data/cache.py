@@ -10,7 +10,6 @@ memory layer sits on top.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -31,6 +30,7 @@ import torch
 from torch.utils.data import get_worker_info
 
 from ecg_inception.core.hashing import file_sha256  # noqa: F401 - re-exported (tests, trunk cache)
+from ecg_inception.core.locks import file_lock
 from ecg_inception.core.sizes import parse_image_size, size_value
 from ecg_inception.data.crop import CropBox
 
@@ -125,9 +125,8 @@ class DecodedCache:
         self.memory_bytes = int(memory_mb * 2**20)
         self._counts = torch.zeros((_SLOTS, 4), dtype=torch.int64).share_memory_()
         # Processes that add to one row (the workers of the train and val loaders, which run at once while the
-        # train loader prefetches; any forked child) take this file's flock: `row += delta` is a read and a
-        # write, and two processes doing it at once lose a count. A lock dies with its holder, so a worker
-        # killed mid-count blocks nobody.
+        # train loader prefetches; any forked child) hold this file's lock (`core.locks.file_lock`): `row +=
+        # delta` is a read and a write, and two processes doing it at once lose a count.
         self._counts_lock_path: str | None = None
         try:
             fd, self._counts_lock_path = tempfile.mkstemp(prefix="ecg_inception-cache-counts-", suffix=".lock")
@@ -138,12 +137,10 @@ class DecodedCache:
         self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._memory_used = 0
         self._lock = threading.RLock()
-        self._counts_lock_fd: tuple[int, int] | None = None  # (pid that opened it, fd)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        # each process keeps its own memory layer and opens the lock file itself
-        state.update(_memory=OrderedDict(), _memory_used=0, _lock=None, _counts_lock_fd=None)
+        state.update(_memory=OrderedDict(), _memory_used=0, _lock=None)  # each process keeps its own layer
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -206,36 +203,14 @@ class DecodedCache:
 
     @contextlib.contextmanager
     def _counts_locked(self) -> Iterator[None]:
-        """Hold the counters' file lock (held with `self._lock`, which serialises this process's threads)."""
-        fd = self._counts_lock_fd_of_this_process()
-        if fd is None:  # no lock file (none could be made, or its owner collected this cache): count without
+        """Hold the counters' file lock (inside `self._lock`, which serialises this process's threads)."""
+        path = self._counts_lock_path
+        # no lock file (none could be made, or the cache that made it is gone; never re-create it): count without
+        if path is None or not os.path.exists(path):
             yield
             return
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        try:
+        with file_lock(path):
             yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-
-    def _counts_lock_fd_of_this_process(self) -> int | None:
-        # A forked child inherits its parent's descriptor, and flock on a shared open file does not exclude
-        # the parent: every process opens the file itself.
-        pid = os.getpid()
-        if self._counts_lock_path is None:
-            return None
-        if self._counts_lock_fd is None or self._counts_lock_fd[0] != pid:
-            try:
-                fd = os.open(self._counts_lock_path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
-            except OSError:
-                return None
-            self._counts_lock_fd = (pid, fd)
-        return self._counts_lock_fd[1]
-
-    def __del__(self) -> None:
-        opened = getattr(self, "_counts_lock_fd", None)
-        if opened is not None and opened[0] == os.getpid():
-            with contextlib.suppress(OSError):
-                os.close(opened[1])
 
     def _remember(self, key: str, tensor: torch.Tensor) -> None:
         size = tensor.numel()

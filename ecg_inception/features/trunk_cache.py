@@ -11,7 +11,6 @@ Building never draws from the global RNGs (augmented views use per-image generat
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ecg_inception.core.locks import file_lock
 from ecg_inception.data.cache import file_sha256
 from ecg_inception.errors import ManifestError
 from ecg_inception.features.trunk_views import DelegatingDataModule, ViewDataset, mirror_loader, preserved_rng
@@ -169,28 +169,23 @@ class TrunkCacheStore:
         arrays = self.load(final, key)
         if arrays is not None:
             return arrays, False
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(final.with_name(f".{final.name}.lock"), "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with file_lock(final.with_name(f".{final.name}.lock")):
+            arrays = self.load(final, key)  # another job may have built it while we waited
+            if arrays is not None:
+                return arrays, False
+            tmp = self.root / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
             try:
-                arrays = self.load(final, key)  # another job may have built it while we waited
-                if arrays is not None:
-                    return arrays, False
-                tmp = self.root / f".{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-                try:
-                    tmp.mkdir()
-                    build(tmp)
-                    _finish_entry(tmp, key, fields)
-                    if final.exists():  # invalid: move it aside (readers may still map it), then drop it
-                        stale = tmp.with_suffix(".stale")
-                        os.rename(final, stale)
-                        shutil.rmtree(stale, ignore_errors=True)
-                    os.rename(tmp, final)
-                    _mark_built(final)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                build(tmp)
+                _finish_entry(tmp, key, fields)
+                if final.exists():  # invalid: move it aside (readers may still map it), then drop it
+                    stale = tmp.with_suffix(".stale")
+                    os.rename(final, stale)
+                    shutil.rmtree(stale, ignore_errors=True)
+                os.rename(tmp, final)
+                _mark_built(final)
             finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                shutil.rmtree(tmp, ignore_errors=True)
         arrays = self.load(final, key)
         if arrays is None:
             raise RuntimeError(f"trunk cache entry {final} is invalid right after it was built")
