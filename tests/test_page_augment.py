@@ -103,6 +103,13 @@ def test_the_training_split_is_redrawn_and_the_others_are_not(synthetic_root: Pa
     assert all(d.shape == (3, SIZE, SIZE) for d in draws)
     assert not all(torch.equal(draws[0], d) for d in draws[1:])  # a new draw per fetch, not a cached tensor
     assert torch.equal(val[0][0], val[0][0])
+    # Warming the decoded cache (distributed fits) skips the training split, which never reads from it.
+    caches = {split: dm.dataset(split).cache for split in ("train", "val", "test")}  # one per split
+    before = {split: c.stats().lookups for split, c in caches.items()}
+    assert dm.warm_decoded_cache() == len(val) + len(dm.dataset("test"))
+    after = {split: c.stats().lookups for split, c in caches.items()}
+    assert after["train"] == before["train"] == 0
+    assert after["val"] - before["val"] == len(val) and after["test"] - before["test"] == len(dm.dataset("test"))
     off = EcgDataModule(**common, augment=False, page_augment={"scale": [0.5, 1.5]})
     off.setup("fit")
     assert off.dataset("train").page_augment is None  # augment=false turns every augmentation off

@@ -347,13 +347,15 @@ class EcgDataModule(L.LightningDataModule):
             self.warm_decoded_cache()
 
     def warm_decoded_cache(self) -> int:
-        """Decode every image of every split into the decoded cache (a no-op for entries already there).
+        """Decode into the decoded cache every image a split reads from it (a no-op for entries already there).
 
         Returns:
             The number of images visited.
         """
         self.setup()
-        total = warm_decoded_cache([self._datasets[split] for split in SPLITS], self.num_workers)
+        # A split drawn by data.page_augment is preprocessed afresh every fetch and never read from the cache.
+        readers = [self._datasets[split] for split in SPLITS if self._datasets[split].page_augment is None]
+        total = warm_decoded_cache(readers, self.num_workers)
         log.info("decoded cache warmed: %d images", total)
         return total
 
