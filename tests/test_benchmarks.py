@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -38,3 +40,21 @@ def test_bench_inference_folder_rows_run_and_name_the_predictor_default(tmp_path
         n for n in names if n.endswith(("prep threads 1", f"prep threads {folder['cores']}"))}
     assert folder["default_setup"] in names
     assert all(rate > 0 for rate in folder["img_s"].values())
+
+
+@pytest.mark.slow  # ~50 s: four CLI processes
+def test_bench_short_sweep_runs_both_modes_and_reports_its_ceiling(tmp_path: Path) -> None:
+    """Two 1-epoch head-only jobs on 16 synthetic pages, cache on and off: both sweeps finish with equal test
+    losses, and the ceiling row (uncached / the cached sweep without its later jobs) bounds the speed-up."""
+    out = tmp_path / "short.json"
+    proc = run_benchmark("bench_short_sweep", "--per-class", "4", "--epochs", "1", "--lrs", "0.01",
+                         "--drop-rates", "0.3,0.5", "--variants", "head", "--threads", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["head: every job ok, cached as asked (1 = yes)"]["status"] == "PASS"
+    assert checks["head: max rel |test loss cached - uncached|"]["status"] == "PASS"
+    speedup = checks["head: speed-up uncached / cached"]["value"]
+    ceiling = checks["head: ceiling, uncached / (cached less jobs 2..N)"]["value"]
+    assert 0 < speedup <= ceiling
+    assert checks["head: cached job wall, jobs 2..N (mean)"]["value"] > 0
