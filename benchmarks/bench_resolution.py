@@ -9,10 +9,16 @@ them under the same folder and file name, downscaled by 2 and re-encoded. Three 
   near-duplicate group (the audit's split groups) of every twin goes, not only the file of that name.
 - `score`: a checkpoint's predictions on the 32 originals and their 32 twins, with the checkpoint's own
   stored preprocessing: label agreement (same label for a page and its twin) and macro-F1 on each side.
+- `rescale`: how a checkpoint's labels move when a page is rescaled before preprocessing (`--factors`; Lanczos
+  down, bicubic up, as `data.page_augment` draws), for the 32 originals and the 32 twins apart: per factor the
+  accuracy and how many labels stay those of the page as it is. Preprocessing resamples every page to the
+  same pixels per mm, so a model that only saw the scan's own pixels should not care; when the twins' labels
+  move and the originals' do not, a rescaled half-resolution page is not a look the model knows.
 
     python benchmarks/bench_resolution.py inputs
     python benchmarks/bench_resolution.py leave-out --out /tmp/dev-minus32
     python benchmarks/bench_resolution.py score --ckpt logs/train/runs/<run>/checkpoints/best.ckpt
+    python benchmarks/bench_resolution.py rescale --ckpt logs/train/runs/<run>/checkpoints/best.ckpt
 
 Nothing here is timed, and nothing is asserted: tests/test_scale_invariance.py holds the bounds.
 """
@@ -141,26 +147,67 @@ def cmd_score(args: argparse.Namespace) -> tuple[dict[str, Any], list[Check]]:
     return figures, checks
 
 
+def rescaled(page: Any, factor: float) -> Any:
+    """`page` (PIL) resized by `factor`: Lanczos down, bicubic up (`data.page_augment`'s filters)."""
+    from PIL import Image
+
+    if factor == 1.0:
+        return page
+    size = (max(1, round(page.width * factor)), max(1, round(page.height * factor)))
+    return page.resize(size, Image.Resampling.LANCZOS if factor < 1 else Image.Resampling.BICUBIC)
+
+
+def cmd_rescale(args: argparse.Namespace) -> tuple[dict[str, Any], list[Check]]:
+    from ecg_inception.inference import Predictor
+
+    predictor = Predictor.from_checkpoint(args.ckpt, device="cpu", num_workers=0)
+    labels = list(predictor.labels)
+    items = pairs(args.fullres, args.dev)[: args.limit]
+    target = torch.tensor([labels.index(label_for_folder(o.parent.name)) for o, _ in items])
+    factors = [1.0, *[f for f in args.factors if f != 1.0]]
+    figures: dict[str, Any] = {"checkpoint": str(args.ckpt), "n": len(items), "factors": factors}
+    rows, checks = [], []
+    for side, index in (("original", 0), ("twin", 1)):
+        views = []
+        for pair in items:
+            page = open_rgb(pair[index])
+            views.append(torch.stack([preprocess_page(rescaled(page, f), predictor.preprocessing)[0]
+                                      for f in factors]))
+        batch = torch.stack(views)  # [N, F, 3, H, W]
+        n, k = batch.shape[:2]
+        pred = predictor.probabilities(batch.flatten(0, 1)).view(n, k, -1).argmax(-1)
+        acc = [(pred[:, j] == target).float().mean().item() for j in range(k)]
+        kept = [int((pred[:, j] == pred[:, 0]).sum()) for j in range(k)]
+        figures[side] = {"accuracy": acc, "same_label_as_unscaled": kept}
+        rows += [(side, f"{f:g}", f"{a:.3f}", f"{c} / {n}") for f, a, c in zip(factors, acc, kept, strict=True)]
+        checks.append(Check(f"{side}s: labels kept over all rescales (of {n * (k - 1)})", float(sum(kept[1:]))))
+    print_table(rows, ("pages", "factor", "accuracy", "same label as unscaled"))
+    return figures, checks
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("inputs", "leave-out", "score"))
+    parser.add_argument("command", choices=("inputs", "leave-out", "score", "rescale"))
     parser.add_argument("--fullres", type=Path, default=DATA / "mendeley-ecg-fullres-sample")
     parser.add_argument("--dev", type=Path, default=DATA / "mendeley-ecg-dev")
     parser.add_argument("--size", type=int, nargs=2, default=[128, 256], help="inputs: height width")
     parser.add_argument("--rgb", action="store_true", help="inputs: without the ink step")
     parser.add_argument("--out", type=Path, help="leave-out: the new folder")
-    parser.add_argument("--ckpt", type=Path, help="score: an ecg_inception checkpoint")
-    parser.add_argument("--limit", type=int, default=None, help="score: only the first N pairs (a quick check)")
+    parser.add_argument("--ckpt", type=Path, help="score, rescale: an ecg_inception checkpoint")
+    parser.add_argument("--limit", type=int, default=None, help="score, rescale: only the first N pairs")
+    parser.add_argument("--factors", type=float, nargs="+", default=[0.7, 0.85, 1.2, 1.4],
+                        help="rescale: page scale factors besides 1")
     add_json_arg(parser)
     args = parser.parse_args(argv)
     args.fullres, args.dev = args.fullres.resolve(), args.dev.resolve()
     if args.command == "leave-out" and args.out is None:
         parser.error("leave-out needs --out")
-    if args.command == "score" and args.ckpt is None:
-        parser.error("score needs --ckpt")
+    if args.command in ("score", "rescale") and args.ckpt is None:
+        parser.error(f"{args.command} needs --ckpt")
     torch.set_num_threads(1)
     info = start_cpu_benchmark(argparse.Namespace(threads=1), f"resolution invariance: {args.command}")
-    command = {"inputs": cmd_inputs, "leave-out": cmd_leave_out, "score": cmd_score}[args.command]
+    command = {"inputs": cmd_inputs, "leave-out": cmd_leave_out, "score": cmd_score,
+               "rescale": cmd_rescale}[args.command]
     figures, checks = command(args)
     print_checks(checks)
     save_json(args.json, f"resolution-{args.command}", info, args, figures, checks)

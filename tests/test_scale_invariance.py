@@ -7,6 +7,10 @@ prints every pair.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +58,26 @@ def test_originals_and_twins_give_the_same_model_input(pairs: list[tuple[Path, P
         mads.append(mad)
         ious.append(iou)
     assert float(np.mean(mads)) <= MAX_MEAN_ABS_DIFF and float(np.mean(ious)) >= MIN_MEAN_TRACE_IOU
+
+
+@pytest.mark.devset
+def test_bench_resolution_rescale_starts_from_the_scores_labels(
+    pairs: list[tuple[Path, Path]], tiny_run: dict, tmp_path: Path
+) -> None:
+    """`bench_resolution.py rescale`: its unscaled column is `score`'s prediction (the same Predictor path), a
+    label is counted as kept against it, and every requested factor has a row for both sides."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_resolution.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = {}
+    for command, extra in (("score", []), ("rescale", ["--factors", "0.6", "1.5"])):
+        proc = subprocess.run([sys.executable, str(bench), command, "--ckpt", str(tiny_run["ckpt"]), "--limit", "3",
+                               "--dev", str(pairs[0][1].parents[1]), "--json", str(tmp_path / f"{command}.json"),
+                               *extra], capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[command] = json.loads((tmp_path / f"{command}.json").read_text())["figures"]
+    score, rescale = out["score"], out["rescale"]
+    assert rescale["factors"] == [1.0, 0.6, 1.5] and rescale["n"] == 3
+    for side in ("original", "twin"):
+        accuracy, kept = rescale[side]["accuracy"], rescale[side]["same_label_as_unscaled"]
+        assert len(accuracy) == len(kept) == 3 and kept[0] == 3 and all(0 <= k <= 3 for k in kept)
+        assert accuracy[0] == pytest.approx(score["reports"][side]["accuracy"])
