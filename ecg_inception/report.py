@@ -149,8 +149,15 @@ def write_report(
     plots: bool = True,
 ) -> dict[str, Path]:
     """Write metrics.json and, with `plots`, the confusion matrix and reliability diagram (test, else val) and
-    training curves."""
+    training curves.
+
+    metrics.json gains a `software` block (`core.provenance.software`: versions, the package's source digest
+    and git commit) unless `metrics` has one: which code made the figures.
+    """
+    from ecg_inception.core.provenance import software
+
     out_dir = Path(out_dir)
+    metrics = {**metrics, "software": metrics.get("software") or software()}
     written = {"metrics": write_metrics(out_dir / METRICS_FILE, metrics)}
     if not plots:
         return written

@@ -6,5 +6,6 @@
 - `cpus`: usable CPUs and a scoped torch thread count;
 - `locks`: an exclusive file lock between processes;
 - `compose`: compose a shipped Hydra config (tests, benchmarks, examples);
+- `provenance`: which code made a run (versions, source digest, git commit), for every metrics.json;
 - `moved`: the deprecation shims of moved modules and names.
 """
