@@ -37,6 +37,7 @@ import torch
 from _common import Check, add_json_arg, print_checks, print_table, save_json, start_cpu_benchmark
 
 from ecg_inception.data.labels import label_for_folder
+from ecg_inception.data.page_augment import rescale_page
 from ecg_inception.data.pages import preprocess_page
 from ecg_inception.data.scan import open_rgb
 
@@ -110,15 +111,22 @@ def cmd_leave_out(args: argparse.Namespace) -> tuple[dict[str, Any], list[Check]
     return figures, [Check(k, float(v), None) for k, v in figures.items()]
 
 
-def cmd_score(args: argparse.Namespace) -> tuple[dict[str, Any], list[Check]]:
+def checkpoint_and_pairs(args: argparse.Namespace) -> tuple[Any, list[str], list[tuple[Path, Path]], torch.Tensor]:
+    """(Predictor of `--ckpt`, its labels, the first `--limit` pairs, their true label indices)."""
     from ecg_inception.inference import Predictor
-    from ecg_inception.models.metrics import report_from_predictions
 
     # The Predictor: the checkpoint's own preprocessing through the one code path training used.
     predictor = Predictor.from_checkpoint(args.ckpt, device="cpu", num_workers=0)
     labels = list(predictor.labels)
     items = pairs(args.fullres, args.dev)[: args.limit]
     target = torch.tensor([labels.index(label_for_folder(o.parent.name)) for o, _ in items])
+    return predictor, labels, items, target
+
+
+def cmd_score(args: argparse.Namespace) -> tuple[dict[str, Any], list[Check]]:
+    from ecg_inception.models.metrics import report_from_predictions
+
+    predictor, labels, items, target = checkpoint_and_pairs(args)
     probs: dict[str, torch.Tensor] = {}
     for side, paths in (("original", [o for o, _ in items]), ("twin", [t for _, t in items])):
         records = predictor.predict(paths)
@@ -147,23 +155,8 @@ def cmd_score(args: argparse.Namespace) -> tuple[dict[str, Any], list[Check]]:
     return figures, checks
 
 
-def rescaled(page: Any, factor: float) -> Any:
-    """`page` (PIL) resized by `factor`: Lanczos down, bicubic up (`data.page_augment`'s filters)."""
-    from PIL import Image
-
-    if factor == 1.0:
-        return page
-    size = (max(1, round(page.width * factor)), max(1, round(page.height * factor)))
-    return page.resize(size, Image.Resampling.LANCZOS if factor < 1 else Image.Resampling.BICUBIC)
-
-
 def cmd_rescale(args: argparse.Namespace) -> tuple[dict[str, Any], list[Check]]:
-    from ecg_inception.inference import Predictor
-
-    predictor = Predictor.from_checkpoint(args.ckpt, device="cpu", num_workers=0)
-    labels = list(predictor.labels)
-    items = pairs(args.fullres, args.dev)[: args.limit]
-    target = torch.tensor([labels.index(label_for_folder(o.parent.name)) for o, _ in items])
+    predictor, _, items, target = checkpoint_and_pairs(args)
     factors = [1.0, *[f for f in args.factors if f != 1.0]]
     figures: dict[str, Any] = {"checkpoint": str(args.ckpt), "n": len(items), "factors": factors}
     rows, checks = [], []
@@ -171,7 +164,7 @@ def cmd_rescale(args: argparse.Namespace) -> tuple[dict[str, Any], list[Check]]:
         views = []
         for pair in items:
             page = open_rgb(pair[index])
-            views.append(torch.stack([preprocess_page(rescaled(page, f), predictor.preprocessing)[0]
+            views.append(torch.stack([preprocess_page(rescale_page(page, f), predictor.preprocessing)[0]
                                       for f in factors]))
         batch = torch.stack(views)  # [N, F, 3, H, W]
         n, k = batch.shape[:2]

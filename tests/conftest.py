@@ -1,6 +1,6 @@
 """Shared fixtures and helpers: synthetic printouts made by the library's own generator, the dev set when
 present, tiny training configs (`tiny_overrides`, `compose_cfg`, the `cfg_train` fixture) and runs (`trained`,
-`tiny_run`), the training CLI (`run_cli`, `tiny_sweep_args`), checkpoint comparisons, the scale tests' bound.
+`tiny_run`), the training CLI (`run_cli`, `tiny_sweep_args`), the benchmark scripts (`run_benchmark`), checkpoint comparisons, the scale tests' bound.
 
 Test modules import the helpers with `from conftest import ...`, never from one another."""
 
@@ -116,6 +116,17 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 900) -> subprocess.Comple
     env = dict(os.environ, HYDRA_FULL_ERROR="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "ecg_inception.cli.train", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+
+
+def run_benchmark(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python benchmarks/<name>.py *args` on one OpenMP thread; stdout and stderr captured.
+
+    Each runs in its own process: a benchmark sets torch's threads, warning filters and log levels for the whole
+    process (`_common.quiet_warnings`), which must not leak into the tests that follow.
+    """
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / f"{name}.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -7,21 +7,10 @@ process (`_common.quiet_warnings`), which must not leak into the tests that foll
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
-
-def run_benchmark(name: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python benchmarks/<name>.py *args` on one OpenMP thread; stdout and stderr captured."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, str(BENCHMARKS / f"{name}.py"), *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+from conftest import run_benchmark
 
 
 def test_bench_inference_folder_rows_run_and_name_the_predictor_default(tmp_path: Path) -> None:

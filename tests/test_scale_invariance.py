@@ -8,14 +8,11 @@ prints every pair.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SCALE_MAX_ABS_DIFF, SCALE_MIN_TRACE_IOU, SCALE_SIZE, scale_agreement
+from conftest import SCALE_MAX_ABS_DIFF, SCALE_MIN_TRACE_IOU, SCALE_SIZE, run_benchmark, scale_agreement
 from PIL import Image
 
 from ecg_inception.data.crop import detect_grid_box
@@ -66,13 +63,10 @@ def test_bench_resolution_rescale_starts_from_the_scores_labels(
 ) -> None:
     """`bench_resolution.py rescale`: its unscaled column is `score`'s prediction (the same Predictor path), a
     label is counted as kept against it, and every requested factor has a row for both sides."""
-    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_resolution.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     out = {}
     for command, extra in (("score", []), ("rescale", ["--factors", "0.6", "1.5"])):
-        proc = subprocess.run([sys.executable, str(bench), command, "--ckpt", str(tiny_run["ckpt"]), "--limit", "3",
-                               "--dev", str(pairs[0][1].parents[1]), "--json", str(tmp_path / f"{command}.json"),
-                               *extra], capture_output=True, text=True, env=env, timeout=600)
+        proc = run_benchmark("bench_resolution", command, "--ckpt", str(tiny_run["ckpt"]), "--limit", "3",
+                             "--dev", str(pairs[0][1].parents[1]), "--json", str(tmp_path / f"{command}.json"), *extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[command] = json.loads((tmp_path / f"{command}.json").read_text())["figures"]
     score, rescale = out["score"], out["rescale"]

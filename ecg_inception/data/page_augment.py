@@ -95,11 +95,8 @@ class PageAugment:
         """
         u = torch.rand(3, generator=generator).tolist()
         factor = self.scale[0] + (self.scale[1] - self.scale[0]) * u[0]
-        width, height = max(1, round(page.width * factor)), max(1, round(page.height * factor))
-        out = page if page.mode == "RGB" else page.convert("RGB")
-        if (width, height) != out.size:
-            method = Image.Resampling.LANCZOS if factor < 1 else Image.Resampling.BICUBIC
-            out = out.resize((width, height), method)
+        out = rescale_page(page, factor)
+        width, height = out.size
         if u[1] < self.jpeg_p:
             low, high = self.jpeg_quality
             quality = low + min(high - low, int(u[2] * (high - low + 1)))
@@ -114,6 +111,23 @@ class PageAugment:
         clamped = CropBox(max(0, moved.left), max(0, moved.top), min(width, max(moved.right, moved.left + 1)),
                           min(height, max(moved.bottom, moved.top + 1)), moved.fallback)
         return out, clamped
+
+
+def rescale_page(page: Image.Image, factor: float) -> Image.Image:
+    """The RGB page resized by `factor` (each side rounded, at least 1 px): Lanczos down, bicubic up.
+
+    Args:
+        page: The decoded page.
+        factor: The scale; a page whose rounded size does not change is returned as it is (in RGB).
+
+    Returns:
+        The rescaled RGB page.
+    """
+    width, height = max(1, round(page.width * factor)), max(1, round(page.height * factor))
+    out = page if page.mode == "RGB" else page.convert("RGB")
+    if (width, height) == out.size:
+        return out
+    return out.resize((width, height), Image.Resampling.LANCZOS if factor < 1 else Image.Resampling.BICUBIC)
 
 
 def _pair(value: Any, name: str, kind: type) -> tuple[Any, Any]:
