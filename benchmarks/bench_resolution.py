@@ -4,7 +4,9 @@
 them under the same folder and file name, downscaled by 2 and re-encoded. Three subcommands:
 
 - `inputs`: the preprocessed model inputs of every original and its twin: mean absolute difference (0-255)
-  and the share of trace pixels that match (intersection over union of the pixels darker than 128).
+  and the share of trace pixels that match (intersection over union of the pixels darker than 128), side by
+  side for each preprocessing version in `--versions` (default: 2, the integer crop box, and 3, the crop
+  registered to the border line).
 - `leave-out`: a copy of the dev folder without the 32 ECGs, removed by content: the whole exact and
   near-duplicate group (the audit's split groups) of every twin goes, not only the file of that name.
 - `score`: a checkpoint's predictions on the 32 originals and their 32 twins, with the checkpoint's own
@@ -40,6 +42,7 @@ from ecg_inception.data.labels import label_for_folder
 from ecg_inception.data.page_augment import rescale_page
 from ecg_inception.data.pages import preprocess_page
 from ecg_inception.data.scan import open_rgb
+from ecg_inception.data.transforms import SUPPORTED_PREPROCESS_VERSIONS
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 TRACE_LEVEL = 128  # a pixel darker than this in the ink input counts as trace
@@ -72,21 +75,28 @@ def input_agreement(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
 
 
 def cmd_inputs(args: argparse.Namespace) -> tuple[dict[str, Any], list[Check]]:
-    prep = {"size": args.size, "ink": not args.rgb, "crop": True, "resize": "squash", "interpolation": "bicubic"}
-    rows, mads, ious = [], [], []
-    for original, twin in pairs(args.fullres, args.dev):
-        mad, iou = input_agreement(model_input(original, prep), model_input(twin, prep))
-        mads.append(mad)
-        ious.append(iou)
-        rows.append((str(original.relative_to(args.fullres)), f"{mad:.2f}", f"{iou:.3f}"))
-    print_table(rows, ("file", "mean abs diff", "trace IoU"))
-    figures = {"mad": mads, "trace_iou": ious}
-    checks = [
-        Check("mean abs diff, mean", float(np.mean(mads)), None),
-        Check("mean abs diff, worst", float(np.max(mads)), None),
-        Check("trace IoU, mean", float(np.mean(ious)), None),
-        Check("trace IoU, worst", float(np.min(ious)), None),
-    ]
+    items = pairs(args.fullres, args.dev)[: args.limit]
+    rows: list[list[str]] = [[str(o.relative_to(args.fullres))] for o, _ in items]
+    figures: dict[str, Any] = {}
+    checks: list[Check] = []
+    for version in args.versions:
+        prep = {"size": args.size, "ink": not args.rgb, "crop": True, "resize": "squash",
+                "interpolation": "bicubic", "version": version}  # fmt: skip
+        mads, ious = [], []
+        for row, (original, twin) in zip(rows, items, strict=True):
+            mad, iou = input_agreement(model_input(original, prep), model_input(twin, prep))
+            mads.append(mad)
+            ious.append(iou)
+            row += [f"{mad:.2f}", f"{iou:.3f}"]
+        figures[f"v{version}"] = {"mad": mads, "trace_iou": ious}
+        checks += [
+            Check(f"v{version} mean abs diff, mean", float(np.mean(mads)), None),
+            Check(f"v{version} mean abs diff, worst", float(np.max(mads)), None),
+            Check(f"v{version} trace IoU, mean", float(np.mean(ious)), None),
+            Check(f"v{version} trace IoU, worst", float(np.min(ious)), None),
+        ]
+    header = ["file"] + [f"v{v} {what}" for v in args.versions for what in ("mean abs diff", "trace IoU")]
+    print_table([tuple(r) for r in rows], tuple(header))
     return figures, checks
 
 
@@ -185,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dev", type=Path, default=DATA / "mendeley-ecg-dev")
     parser.add_argument("--size", type=int, nargs=2, default=[128, 256], help="inputs: height width")
     parser.add_argument("--rgb", action="store_true", help="inputs: without the ink step")
+    parser.add_argument("--versions", type=int, nargs="+", default=list(SUPPORTED_PREPROCESS_VERSIONS),
+                        help="inputs: preprocessing versions to compare")
     parser.add_argument("--out", type=Path, help="leave-out: the new folder")
     parser.add_argument("--ckpt", type=Path, help="score, rescale: an ecg_inception checkpoint")
-    parser.add_argument("--limit", type=int, default=None, help="score, rescale: only the first N pairs")
+    parser.add_argument("--limit", type=int, default=None, help="inputs, score, rescale: only the first N pairs")
     parser.add_argument("--factors", type=float, nargs="+", default=[0.7, 0.85, 1.2, 1.4],
                         help="rescale: page scale factors besides 1")
     add_json_arg(parser)

@@ -59,7 +59,7 @@ def checkpoint_preprocessing(path: str | Path) -> dict[str, Any] | None:
         prep = check_preprocessing(hparams["preprocessing"], "hyper_parameters.preprocessing")
     except ConfigValueError as exc:
         raise CheckpointError(path, str(exc)) from None
-    return {k: prep[k] for k in (*NORMALISATION_KEYS, "size") if k in prep}
+    return {k: prep[k] for k in (*NORMALISATION_KEYS, "size", "version") if k in prep}
 
 
 def data_overrides_for_weights(cfg: DictConfig) -> dict[str, Any]:
@@ -67,7 +67,8 @@ def data_overrides_for_weights(cfg: DictConfig) -> dict[str, Any]:
 
     A hub tag (`model.pretrained=gluon_in1k`, or true for the default tag) selects that tag's timm data config. A
     `model.pretrained_file` that is an ecg_inception checkpoint (fine-tuning) brings its stored mean, std and
-    interpolation, and its input size when `data.image_size` is null. Values set explicitly in `data` win.
+    interpolation, its input size when `data.image_size` is null and its preprocessing version when
+    `data.preprocess_version` is null. Values set explicitly in `data` win.
     """
     data, model = cfg.data, cfg.model
     overrides: dict[str, Any] = {}
@@ -79,6 +80,8 @@ def data_overrides_for_weights(cfg: DictConfig) -> dict[str, Any]:
                 overrides[key] = stored[key]
         if data.get("image_size") is None and stored.get("size") is not None:
             overrides["image_size"] = stored["size"]
+        if data.get("preprocess_version") is None and stored.get("version") is not None:
+            overrides["preprocess_version"] = stored["version"]
         log.info("Fine-tuning from %s: its stored preprocessing is used (%s)", pretrained_file, overrides)
         return overrides
     pretrained = model.get("pretrained")

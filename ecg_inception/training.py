@@ -508,6 +508,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         ("mean", "mean"),
         ("std", "std"),
         ("interpolation", "interpolation"),
+        ("version", "preprocess_version"),
     ):
         if key_ckpt in prep:
             overrides[key_data] = prep[key_ckpt]

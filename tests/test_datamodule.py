@@ -357,6 +357,7 @@ def test_page_datasets_outside_data_scope_the_thread_count_like_ecg_image_datase
     ({"image_size": [1, 2, 3]}, "image_size must be an int or [height, width] of two ints, got [1, 2, 3]"),
     ({"mean": [1, 2]}, "mean must be 3 numbers (std > 0), got [1, 2]"),
     ({"std": [1, 0, 1]}, "std must be 3 numbers (std > 0), got [1, 0, 1]"),
+    ({"preprocess_version": 1}, "unknown preprocess_version 1; expected one of 2, 3"),
 ])  # fmt: skip
 def test_bad_constructor_values_are_config_value_errors(kwargs: dict, message: str) -> None:
     """The constructor's checks raise ConfigValueError (still a ValueError), with the message they always had."""

@@ -42,11 +42,11 @@ def test_a_hub_tag_sets_its_own_normalisation(gluon_run) -> None:
 
 
 def _with_stored_normalisation(run: Path, dest: Path) -> Path:
-    """A copy of the run dir whose last.ckpt stores mean/std that no timm config has."""
+    """A copy of the run dir whose last.ckpt stores mean/std that no timm config has, and preprocessing version 2."""
     shutil.copytree(run, dest)
     path = dest / "checkpoints" / "last.ckpt"
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    ckpt["hyper_parameters"]["preprocessing"].update(mean=STORED[0], std=STORED[1])
+    ckpt["hyper_parameters"]["preprocessing"].update(mean=STORED[0], std=STORED[1], version=2)
     torch.save(ckpt, path)
     return path
 
@@ -61,6 +61,9 @@ def test_eval_uses_the_checkpoints_stored_mean_and_std(gluon_run, tmp_path: Path
     _, objects = evaluate(compose_cfg("eval", overrides))
     config = objects["datamodule"].data_config
     assert list(config.mean) == pytest.approx(STORED[0]) and list(config.std) == pytest.approx(STORED[1])
+    # ... and its preprocessing version: a version-2 checkpoint is scored on version-2 inputs (integer crop box)
+    dm = objects["datamodule"]
+    assert dm.preprocessing["version"] == 2 and {s.version for s in dm.dataset("val").settings} == {2}
 
 
 def test_fine_tuning_from_an_ecg_inception_checkpoint_keeps_its_preprocessing(gluon_run, tmp_path: Path) -> None:
@@ -72,6 +75,7 @@ def test_fine_tuning_from_an_ecg_inception_checkpoint_keeps_its_preprocessing(gl
     overrides = data_overrides_for_weights(cfg)
     assert overrides["mean"] == pytest.approx(STORED[0]) and overrides["std"] == pytest.approx(STORED[1])
     assert overrides["image_size"] == 75  # data.image_size is null: the checkpoint's size
+    assert overrides["preprocess_version"] == 2  # data.preprocess_version is null: the checkpoint's version
     tagged = compose_cfg("train", ["model.pretrained=gluon_in1k"])
     assert data_overrides_for_weights(tagged) == {"model_name": "inception_v3.gluon_in1k"}
     explicit = compose_cfg("train", ["model.pretrained=false", f"model.pretrained_file={ckpt}", "data.mean=[0,0,0]"])

@@ -220,3 +220,5 @@ def test_preprocessing_mismatch_error_names_each_key_and_its_fix() -> None:
     message = str(err.value)
     assert "model.pretrained_file=p.ckpt" in message and "data.crop=true" in message
     assert "data.mean=[0.5,0.5,0.5]" in message and "ink" not in message
+    with pytest.raises(ConfigValueError, match=r"version: checkpoint 2, this run 3.*data.preprocess_version=2"):
+        check_finetune_preprocessing("p.ckpt", {**stored, "version": 2}, {**stored, "version": 3})

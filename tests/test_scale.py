@@ -138,11 +138,12 @@ def test_preprocess_with_a_given_pitch_equals_the_measured_one() -> None:
 
 def test_checkpoint_preprocessing_version_is_checked() -> None:
     record = {"model_name": "inception_v3", "size": 75, "resize": "squash", "crop": True, "ink": True}
-    with pytest.raises(ValueError, match="preprocessing version 1, .*version 2"):
+    with pytest.raises(ValueError, match="preprocessing version 1, .*versions 2, 3"):
         check_preprocessing_version(record, "old.ckpt")  # made before versioning: version 1
     with pytest.raises(ValueError, match="old.ckpt: trained with preprocessing version 7"):
         check_preprocessing_version({**record, "version": 7}, "old.ckpt")
     check_preprocessing_version({**record, "version": PREPROCESS_VERSION}, "new.ckpt")
+    check_preprocessing_version({**record, "version": 2}, "v2.ckpt")  # the integer-box version: still reproduced
     check_preprocessing_version({"size": 160}, "partial")  # a size alone is not a record
     check_preprocessing_version(None, "none")
 

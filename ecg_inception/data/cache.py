@@ -33,8 +33,9 @@ from ecg_inception.core.hashing import file_sha256  # noqa: F401 - re-exported (
 from ecg_inception.core.locks import file_lock
 from ecg_inception.core.sizes import parse_image_size, size_value
 from ecg_inception.data.crop import CropBox
+from ecg_inception.data.transforms import PREPROCESS_VERSION
 
-CACHE_VERSION = 3  # bump when preprocessing changes in a way the settings do not show (2: EXIF orientation; 3: physical scale, ink by colour)
+CACHE_VERSION = 4  # bump when preprocessing changes in a way the settings do not show (2: EXIF orientation; 3: physical scale, ink by colour; 4: preprocessing version in the settings)
 _MAGIC = b"ECGU8\x00"
 _HEADER = struct.Struct("<6sHHIII")  # magic, version, channels, height, width, crc32 of the payload
 _SLOTS = 64  # counter rows: the main process, then one per DataLoader worker id (two loaders' workers share one)
@@ -61,6 +62,7 @@ class PreprocessSettings:
     crop: bool = False
     box: CropBox | None = None  # used only when `crop` is True
     ink: bool = False  # grid removed before resizing (transforms.ink_image)
+    version: int = PREPROCESS_VERSION  # the preprocessing version reproduced (transforms.preprocess)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size", parse_image_size(self.size))

@@ -41,6 +41,7 @@ from ecg_inception.data.transforms import (
     MIN_IMAGE_SIZE,
     PREPROCESS_VERSION,
     RESIZE_MODES,
+    SUPPORTED_PREPROCESS_VERSIONS,
     DataConfig,
     build_train_augment,
     parse_image_size,
@@ -113,6 +114,9 @@ class EcgDataModule(L.LightningDataModule):
         mean: normalisation mean per channel; None: the timm config of `model_name`.
         std: normalisation std per channel; None: the timm config of `model_name`.
         interpolation: resize interpolation; None: the timm config of `model_name`.
+        preprocess_version: the preprocessing version (`transforms.SUPPORTED_PREPROCESS_VERSIONS`); None: the
+            current `transforms.PREPROCESS_VERSION` (3: the crop aligned to the border line to a fraction of a
+            pixel; 2: the integer grid box, as checkpoints made before it).
 
     Raises:
         ConfigValueError: an unknown protocol, resize or augment_kind, a batch size below 1, bad fractions, a bad
@@ -152,6 +156,7 @@ class EcgDataModule(L.LightningDataModule):
         std: Sequence[float] | None = None,
         interpolation: str | None = None,
         page_augment: Mapping[str, Any] | PageAugment | None = None,
+        preprocess_version: int | None = None,
     ) -> None:
         super().__init__()
         crop_default = self._configure_split(
@@ -159,7 +164,8 @@ class EcgDataModule(L.LightningDataModule):
         )
         self._configure_loaders(batch_size, num_workers, pin_memory, persistent_workers, drop_last)
         self._configure_preprocessing(
-            model_name, image_size, resize, crop_default if crop is None else crop, ink, mean, std, interpolation
+            model_name, image_size, resize, crop_default if crop is None else crop, ink, mean, std, interpolation,
+            preprocess_version,
         )
         self._configure_augmentation(augment, augment_kind, page_augment)
         self._configure_sources(cache_dir, decoded_cache, synthetic_per_class, make_default_root)
@@ -224,6 +230,7 @@ class EcgDataModule(L.LightningDataModule):
     def _configure_preprocessing(
         self, model_name: str, image_size: int | Sequence[int] | None, resize: str, crop: bool, ink: bool,
         mean: Sequence[float] | None, std: Sequence[float] | None, interpolation: str | None,
+        preprocess_version: int | None = None,
     ) -> None:  # fmt: skip
         """What every split does to a page before the model sees it (what `preprocessing` records).
 
@@ -236,8 +243,11 @@ class EcgDataModule(L.LightningDataModule):
             mean: normalisation mean, or None for the timm config's.
             std: normalisation std, or None for the timm config's.
             interpolation: resize interpolation, or None for the timm config's.
+            preprocess_version: the preprocessing version to apply, or None for `transforms.PREPROCESS_VERSION`
+                (a checkpoint's stored version when eval or fine-tuning reproduces it).
         """
         self.model_name, self.image_size, self.resize = model_name, from_omegaconf(image_size), resize
+        self.preprocess_version = PREPROCESS_VERSION if preprocess_version is None else preprocess_version
         self.crop = bool(crop)
         self.ink = bool(ink)
         # Normalisation given explicitly (a checkpoint's stored values) wins over the timm config's.
@@ -298,6 +308,11 @@ class EcgDataModule(L.LightningDataModule):
             )
         if self.batch_size < 1:
             raise ConfigValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.preprocess_version not in SUPPORTED_PREPROCESS_VERSIONS:
+            raise ConfigValueError(
+                f"unknown preprocess_version {self.preprocess_version!r}; expected one of "
+                f"{', '.join(map(str, SUPPORTED_PREPROCESS_VERSIONS))}"
+            )
         if self.image_size is not None:  # a bad size fails here, naming the value
             _config_checked(parse_image_size, self.image_size, minimum=MIN_IMAGE_SIZE)
         for key in ("mean", "std"):
@@ -418,6 +433,7 @@ class EcgDataModule(L.LightningDataModule):
                 self.dataset_root(), manifest.split_rows(split), manifest.labels, self.data_config,
                 resize=self.resize, crop=self.crop, augment=augment if split == "train" else None, cache=cache,
                 ink=self.ink, page_augment=self.page_augment if split == "train" and self.augment else None,
+                version=self.preprocess_version,
             )  # fmt: skip
 
     # -- loaders ----------------------------------------------------------------------------------
@@ -535,8 +551,9 @@ class EcgDataModule(L.LightningDataModule):
     def preprocessing(self) -> dict[str, Any]:
         """Plain dict the model stores in its checkpoint so eval and predict preprocess like training.
 
-        `version` is `transforms.PREPROCESS_VERSION` (a checkpoint with another one is refused when loaded) and
-        `px_per_mm` the canonical scale every page is resampled to before the ink step.
+        `version` is the preprocessing version applied (`preprocess_version`; a checkpoint with one this code
+        cannot reproduce is refused when loaded) and `px_per_mm` the canonical scale every page is resampled to
+        before the ink step.
         """
         cfg = self.data_config
         return {
@@ -548,7 +565,7 @@ class EcgDataModule(L.LightningDataModule):
             "resize": self.resize,
             "crop": self.crop,
             "ink": self.ink,
-            "version": PREPROCESS_VERSION,
+            "version": self.preprocess_version,
             "px_per_mm": CANONICAL_PX_PER_MM,
         }
 

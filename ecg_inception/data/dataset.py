@@ -20,7 +20,7 @@ from ecg_inception.data.cache import DecodedCache, PreprocessSettings
 from ecg_inception.data.manifest import ManifestRow
 from ecg_inception.data.page_augment import PageAugment
 from ecg_inception.data.pages import preprocess_with
-from ecg_inception.data.transforms import DataConfig, Normalize
+from ecg_inception.data.transforms import PREPROCESS_VERSION, DataConfig, Normalize
 from ecg_inception.errors import ManifestError
 
 
@@ -39,6 +39,7 @@ class EcgImageDataset(Dataset):
         ink: Grid removal before resizing.
         page_augment: Scanner augmentation of the decoded page before preprocessing (train only; bypasses
             `cache`).
+        version: The preprocessing version to apply (`transforms.SUPPORTED_PREPROCESS_VERSIONS`).
 
     Raises:
         ManifestError: A row's label is not in `labels`, or crop is on and a row has no box.
@@ -56,6 +57,7 @@ class EcgImageDataset(Dataset):
         cache: DecodedCache | None = None,
         ink: bool = False,
         page_augment: PageAugment | None = None,
+        version: int = PREPROCESS_VERSION,
     ) -> None:
         self.root = Path(root)
         self.rows = list(rows)
@@ -67,7 +69,7 @@ class EcgImageDataset(Dataset):
             if crop and r.box is None:
                 raise ManifestError(f"{r.path}: crop is on but the manifest has no crop box for this file")
             box = r.box if crop else None
-            settings = PreprocessSettings(config.size, resize, config.interpolation, crop, box, bool(ink))
+            settings = PreprocessSettings(config.size, resize, config.interpolation, crop, box, bool(ink), version)
             self.settings.append(settings)
         self.augment = augment
         self.page_augment = page_augment

@@ -2,7 +2,8 @@
 prediction, which meets pages outside any manifest (and so detects their crop box itself).
 
 The version of that preprocessing, which checkpoints and export sidecars carry, is
-`transforms.PREPROCESS_VERSION`; `check_preprocessing` refuses any other.
+`transforms.PREPROCESS_VERSION`; `check_preprocessing` refuses any the code cannot reproduce
+(`transforms.SUPPORTED_PREPROCESS_VERSIONS`), and a checkpoint's own version is the one applied.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from PIL import Image
 from ecg_inception.core.plain import from_omegaconf
 from ecg_inception.data.cache import PreprocessSettings
 from ecg_inception.data.crop import CropBox, detect_grid_box
-from ecg_inception.data.transforms import check_preprocessing_version, preprocess
+from ecg_inception.data.transforms import PREPROCESS_VERSION, check_preprocessing_version, preprocess
 from ecg_inception.errors import ConfigValueError
 
 #: Keys a checkpoint's `preprocessing` dict must hold for prediction outside the training data.
@@ -48,7 +49,7 @@ def check_preprocessing(preprocessing: Mapping[str, Any] | None, source: str | P
 def preprocess_with(img: Image.Image, settings: PreprocessSettings) -> torch.Tensor:
     """One decoded page -> uint8 [3, H, W] under `settings`: the single step training, eval and prediction share."""
     s = settings
-    return preprocess(img, s.box, s.size, s.resize, s.interpolation, s.ink)
+    return preprocess(img, s.box, s.size, s.resize, s.interpolation, s.ink, version=s.version)
 
 
 def preprocess_page(
@@ -74,5 +75,6 @@ def preprocess_page(
     settings = PreprocessSettings(
         preprocessing["size"], str(preprocessing["resize"]), str(preprocessing["interpolation"]), crop,
         box if crop else None, bool(preprocessing.get("ink", False)),
+        int(preprocessing.get("version", PREPROCESS_VERSION)),
     )  # fmt: skip
     return preprocess_with(img, settings), (box if crop else None)

@@ -19,6 +19,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
 from ecg_inception.core.sizes import SizeSpec, parse_image_size, size_value  # noqa: F401 - re-exported
+from ecg_inception.data.align import aligned_crop
 from ecg_inception.data.crop import CropBox
 from ecg_inception.data.scale import CANONICAL_PX_PER_MM, GridPitch, measure_pitch, to_canonical
 from ecg_inception.errors import ConfigValueError
@@ -29,7 +30,10 @@ WHITE = 255  # the paper background: fill for letterbox bars and affine borders
 #: Version of what `preprocess` does; checkpoints store it (see `check_preprocessing_version`).
 #: 1: crop, ink from the red channel at a fixed cutoff, kernels in output pixels (up to 0.1.x).
 #: 2: crop, grid pitch -> resample to CANONICAL_PX_PER_MM, ink by colour with a per-page Otsu cutoff.
-PREPROCESS_VERSION = 2
+#: 3: as 2, with the content box on the border line's centre to a fraction of a pixel (`align.aligned_crop`).
+PREPROCESS_VERSION = 3
+#: Versions `preprocess` reproduces: a checkpoint of either is preprocessed its own way.
+SUPPORTED_PREPROCESS_VERSIONS = (2, 3)
 CANONICAL_MM_TEXT = f"{CANONICAL_PX_PER_MM:g} px/mm"
 # Ink: value = max(R, G, B) keeps the dark, unsaturated trace dark and any light or saturated grid colour
 # (pink, red, orange: max channel >= ~215) light. The cutoff between them is Otsu's threshold of the page's
@@ -164,16 +168,35 @@ def preprocess(
     interpolation: str = "bicubic",
     ink: bool = False,
     pitch: GridPitch | None = None,
+    version: int = PREPROCESS_VERSION,
 ) -> torch.Tensor:
-    """The model input of one page (preprocessing version `PREPROCESS_VERSION`), uint8 [3, height, width].
+    """The model input of one page, uint8 [3, height, width].
 
     1. Crop to `box` (None: the whole page).
     2. Resample the crop to `scale.CANONICAL_PX_PER_MM` from its grid pitch (`pitch`, None: measured here with
        `scale.measure_pitch`, falling back to the box size), so every later step sees millimetres, not pixels.
+       Version 3 (a box that is not a fallback) takes a margin around the box and places the content box on
+       the border line's centre (`align.aligned_crop`), so the border lands on the same spot at any resolution.
     3. With `ink`, remove the grid by colour with a per-page cutoff and thicken the trace (`ink_image`,
        `ink_thickening`).
-    4. Resize to `size` (an int for a square, or [height, width]): `squash` stretches to the target shape as
-       the paper did; `letterbox` keeps the aspect ratio and pads with white.
+    4. Resize the content box to `size` (an int for a square, or [height, width]): `squash` stretches to the
+       target shape as the paper did; `letterbox` keeps the aspect ratio and pads with white.
+
+    Args:
+        img: The decoded page.
+        box: Its grid box in page pixels (None: no crop).
+        size: The model input size.
+        resize: `squash` or `letterbox`.
+        interpolation: The final resize's filter (one of `INTERPOLATIONS`).
+        ink: Remove the grid and thicken the trace.
+        pitch: The crop's grid pitch (None: measured).
+        version: The preprocessing version to reproduce (one of `SUPPORTED_PREPROCESS_VERSIONS`).
+
+    Returns:
+        The uint8 tensor.
+
+    Raises:
+        ValueError: An unknown resize mode, interpolation or version, or a box that leaves nothing of the page.
     """
     out_h, out_w = parse_image_size(size)
     if resize not in RESIZE_MODES:
@@ -182,25 +205,33 @@ def preprocess(
         raise ValueError(
             f"unknown interpolation {interpolation!r}; expected one of {', '.join(_PIL_INTERPOLATION)}"
         )
+    if version not in SUPPORTED_PREPROCESS_VERSIONS:
+        raise ValueError(f"unknown preprocessing version {version!r}; expected one of {SUPPORTED_PREPROCESS_VERSIONS}")
     img = img.convert("RGB") if img.mode != "RGB" else img
-    if box is not None:
-        left, top = max(0, box.left), max(0, box.top)
-        right, bottom = min(img.width, box.right), min(img.height, box.bottom)
-        if right - left < 2 or bottom - top < 2:
-            raise ValueError(f"crop box {box} leaves nothing of a {img.width}x{img.height} image")
-        img = img.crop((left, top, right, bottom))
-    img = to_canonical(img, pitch if pitch is not None else measure_pitch(img))
+    if version >= 3 and box is not None and not box.fallback:
+        aligned = aligned_crop(img, box, pitch)
+        img, content = aligned.image, aligned.box
+    else:
+        if box is not None:
+            left, top = max(0, box.left), max(0, box.top)
+            right, bottom = min(img.width, box.right), min(img.height, box.bottom)
+            if right - left < 2 or bottom - top < 2:
+                raise ValueError(f"crop box {box} leaves nothing of a {img.width}x{img.height} image")
+            img = img.crop((left, top, right, bottom))
+        img = to_canonical(img, pitch if pitch is not None else measure_pitch(img))
+        content = (0.0, 0.0, float(img.width), float(img.height))
+    src_w, src_h = content[2] - content[0], content[3] - content[1]
     if ink:
-        img = ink_image(img, ink_thickening(img.width, img.height, (out_h, out_w), resize))
+        img = ink_image(img, ink_thickening(round(src_w), round(src_h), (out_h, out_w), resize))
     method = _PIL_INTERPOLATION[interpolation]
     if resize == "squash":
-        out = img.resize((out_w, out_h), method)
+        out = img.resize((out_w, out_h), method, box=content)
     else:
-        scale = min(out_w / img.width, out_h / img.height)
-        w = min(out_w, max(1, round(img.width * scale)))
-        h = min(out_h, max(1, round(img.height * scale)))
+        scale = min(out_w / src_w, out_h / src_h)
+        w = min(out_w, max(1, round(src_w * scale)))
+        h = min(out_h, max(1, round(src_h * scale)))
         out = Image.new("RGB", (out_w, out_h), (WHITE, WHITE, WHITE))
-        out.paste(img.resize((w, h), method), ((out_w - w) // 2, (out_h - h) // 2))
+        out.paste(img.resize((w, h), method, box=content), ((out_w - w) // 2, (out_h - h) // 2))
     return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
 
 
@@ -208,7 +239,7 @@ _RECORD_KEYS = frozenset({"resize", "crop", "ink", "interpolation"})  # what eve
 
 
 def check_preprocessing_version(preprocessing: dict[str, Any] | None, source: str) -> None:
-    """Refuse a checkpoint whose stored preprocessing is not this library's `PREPROCESS_VERSION`.
+    """Refuse a checkpoint whose stored preprocessing is not one of `SUPPORTED_PREPROCESS_VERSIONS`.
 
     Args:
         preprocessing: the checkpoint's `hyper_parameters.preprocessing` (None: nothing stored, accepted).
@@ -223,11 +254,12 @@ def check_preprocessing_version(preprocessing: dict[str, Any] | None, source: st
     if "version" not in preprocessing and not set(preprocessing) & _RECORD_KEYS:
         return  # a partial dict (a size only, say) is not a record of how a run preprocessed
     version = preprocessing.get("version", 1)
-    if version != PREPROCESS_VERSION:
+    if version not in SUPPORTED_PREPROCESS_VERSIONS:
         raise ConfigValueError(
-            f"{source}: trained with preprocessing version {version!r}, this library preprocesses with version "
-            f"{PREPROCESS_VERSION} (grid pitch -> {CANONICAL_MM_TEXT}, ink by colour). Its predictions would not "
-            "mean what they say: retrain it, or use the ecg_inception release that trained it."
+            f"{source}: trained with preprocessing version {version!r}, this library reproduces versions "
+            f"{', '.join(map(str, SUPPORTED_PREPROCESS_VERSIONS))} (grid pitch -> {CANONICAL_MM_TEXT}, ink by "
+            "colour). Its predictions would not mean what they say: retrain it, or use the ecg_inception release "
+            "that trained it."
         )
 
 

@@ -36,7 +36,7 @@ from ecg_inception.models.trunk import TrunkFeatures, TrunkSplit, parse_verify, 
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # bump when the entry layout or the meaning of a key field changes (2: preprocessing v2)
+CACHE_FORMAT = 3  # bump when the entry layout or the meaning of a key field changes (2: preprocessing v2; 3: v3)
 ARRAYS = ("features", "aux_input", "labels")
 #: Keys of the model config that configure the trunk cache (EcgClassifier validates them, train() acts on them).
 TRUNK_CACHE_KEYS = ("trunk_cache", "trunk_cache_views", "trunk_cache_verify")

@@ -19,9 +19,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from ecg_inception.data.align import aligned_crop
 from ecg_inception.data.crop import CropBox
 from ecg_inception.data.pages import preprocess_page
-from ecg_inception.data.transforms import Normalize, parse_image_size
+from ecg_inception.data.transforms import PREPROCESS_VERSION, Normalize, parse_image_size
 from ecg_inception.errors import UnreadableImageError
 from ecg_inception.inference.cam import TargetLayer, choose_target_layer, compute_cam
 from ecg_inception.inference.geometry import InputGeometry, input_geometry, map_to_box, map_to_page
@@ -95,7 +96,13 @@ def _prepare(item: InputItem, preprocessing: Mapping[str, Any]) -> _Page | Expla
     crop: CropBox | None = box
     if crop is not None:
         record.crop_box, record.crop_fallback = crop.as_list(), bool(crop.fallback)
-    geometry = input_geometry(page.size, crop, preprocessing["size"], str(preprocessing["resize"]))
+    source_box, source_size = None, None
+    if crop is not None and not crop.fallback and int(preprocessing.get("version", PREPROCESS_VERSION)) >= 3:
+        aligned = aligned_crop(page if page.mode == "RGB" else page.convert("RGB"), crop)  # what preprocess read
+        source_box = aligned.page_box
+        source_size = (aligned.box[2] - aligned.box[0], aligned.box[3] - aligned.box[1])
+    geometry = input_geometry(page.size, crop, preprocessing["size"], str(preprocessing["resize"]), source_size,
+                              source_box)  # fmt: skip
     return _Page(record, page, image, geometry)
 
 

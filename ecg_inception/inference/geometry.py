@@ -8,7 +8,9 @@ rectangle of the input, the *content* rectangle, so a point is carried by its fr
 
     page (x, y) -> box fractions (fx, fy) -> input (u, v) = content origin + (fx, fy) x content size
 
-Coordinates are continuous, pixel k spanning [k, k + 1) (its centre at k + 0.5), as PIL resizes.
+Coordinates are continuous, pixel k spanning [k, k + 1) (its centre at k + 0.5), as PIL resizes. Preprocessing
+version 3 resizes a slightly different region than the integer box, the box with its edges moved onto the border
+line's centre (`data.align.aligned_crop`); that region (`source`) is what maps onto the content rectangle.
 
 A feature map's cell (i, j) sits at input (offset_y + i * stride_y, offset_x + j * stride_x) (`FeatureGrid`;
 `cam.trace_feature_grid` derives it from the network's convolutions and pools). Grad-CAM implementations
@@ -37,16 +39,24 @@ class InputGeometry:
             crop is off); right and bottom exclusive.
         input_size: (height, width) of the model input.
         content: (left, top, width, height) of the crop's image inside the input, in input pixels.
+        source: (left, top, right, bottom) of the page region, continuous page pixels, that fills `content`
+            (None: `box`).
     """
 
     page_size: tuple[int, int]
     box: tuple[int, int, int, int]
     input_size: tuple[int, int]
     content: tuple[float, float, float, float]
+    source: tuple[float, float, float, float] | None = None
+
+    @property
+    def region(self) -> tuple[float, float, float, float]:
+        """The page region that fills `content`: `source`, else `box`."""
+        return self.source if self.source is not None else tuple(float(v) for v in self.box)  # type: ignore[return-value]
 
     def page_to_input(self, x: np.ndarray | float, y: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
         """Continuous page coordinates -> continuous input coordinates."""
-        left, top, right, bottom = self.box
+        left, top, right, bottom = self.region
         cl, ct, cw, ch = self.content
         fx = (np.asarray(x, np.float64) - left) / (right - left)
         fy = (np.asarray(y, np.float64) - top) / (bottom - top)
@@ -54,7 +64,7 @@ class InputGeometry:
 
     def input_to_page(self, u: np.ndarray | float, v: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
         """Continuous input coordinates -> continuous page coordinates (the inverse of `page_to_input`)."""
-        left, top, right, bottom = self.box
+        left, top, right, bottom = self.region
         cl, ct, cw, ch = self.content
         fx = (np.asarray(u, np.float64) - cl) / cw
         fy = (np.asarray(v, np.float64) - ct) / ch
@@ -66,7 +76,8 @@ def input_geometry(
     box: CropBox | None,
     size: int | Sequence[int],
     resize: str = "squash",
-    source_size: tuple[int, int] | None = None,
+    source_size: tuple[float, float] | None = None,
+    source_box: Sequence[float] | None = None,
 ) -> InputGeometry:
     """The geometry `preprocess(page, box, size, resize)` applies, with its clipping and rounding.
 
@@ -77,6 +88,8 @@ def input_geometry(
         resize: `squash` or `letterbox`.
         source_size: (width, height) of the image entering the final resize when the crop is resampled first
             (the canonical scale); None: the clipped crop itself.
+        source_box: The continuous page region the final resize reads when it is not the clipped box
+            (preprocessing version 3: `data.align.AlignedCrop.page_box`); None: the clipped box.
 
     Returns:
         The `InputGeometry`.
@@ -102,7 +115,10 @@ def input_geometry(
         w = min(out_w, max(1, round(src_w * scale)))
         h = min(out_h, max(1, round(src_h * scale)))
         content = (float((out_w - w) // 2), float((out_h - h) // 2), float(w), float(h))
-    return InputGeometry((int(width), int(height)), clipped, (out_h, out_w), content)
+    source = None if source_box is None else tuple(float(v) for v in source_box)
+    if source is not None and (len(source) != 4 or source[2] <= source[0] or source[3] <= source[1]):
+        raise ValueError(f"source box {source_box} is not a (left, top, right, bottom) region")
+    return InputGeometry((int(width), int(height)), clipped, (out_h, out_w), content, source)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -158,13 +174,16 @@ def map_to_box(
 ) -> np.ndarray:
     """The heat map over the crop box: (height, width) pixels covering it (default: its page pixels).
 
-    Pixel (r, c) of the result samples the box at fractions ((c + 0.5) / width, (r + 0.5) / height).
+    Pixel (r, c) of the result samples the box at fractions ((c + 0.5) / width, (r + 0.5) / height), carried to
+    the input by `InputGeometry.page_to_input`.
     """
     left, top, right, bottom = geometry.box
     h, w = shape or (bottom - top, right - left)
-    fx, fy = (np.arange(w) + 0.5) / w, (np.arange(h) + 0.5) / h
-    cl, ct, cw, ch = geometry.content
-    return sample_map(cam, grid, ct + fy * ch, cl + fx * cw).astype(np.float32)
+    x = left + (np.arange(w) + 0.5) * (right - left) / w
+    y = top + (np.arange(h) + 0.5) * (bottom - top) / h
+    u, _ = geometry.page_to_input(x, np.zeros_like(x))
+    _, v = geometry.page_to_input(np.zeros_like(y), y)
+    return sample_map(cam, grid, v, u).astype(np.float32)
 
 
 def map_to_page(cam: np.ndarray, grid: FeatureGrid, geometry: InputGeometry) -> np.ndarray:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 #: checkpoint preprocessing key -> the data config key that sets it
 COMPARED_KEYS: dict[str, str] = {
     "size": "image_size", "resize": "resize", "crop": "crop", "ink": "ink", "mean": "mean", "std": "std",
-    "interpolation": "interpolation",
+    "interpolation": "interpolation", "version": "preprocess_version",
 }
 
 
