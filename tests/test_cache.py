@@ -225,6 +225,31 @@ def test_counter_lock_file_is_removed_with_its_cache(tmp_path: Path, src: Path) 
     assert not lock.exists()
 
 
+def test_counting_never_recreates_a_removed_lock_file(tmp_path: Path, src: Path, monkeypatch) -> None:
+    """The lock file removed between the old `exists` check and `file_lock`'s open: it used to come back as a
+    stray empty file in the temp folder. `os.path.exists` answering True plays that interleaving."""
+    cache = DecodedCache(tmp_path)
+    lock = Path(cache._counts_lock_path)
+    lock.unlink()  # its owner removed it (a cache being collected while a clone still counts)
+    monkeypatch.setattr("ecg_inception.data.cache.os.path.exists", lambda path: True)
+    cache.get(src, SETTINGS, Builder())
+    assert not lock.exists()
+    assert cache.stats().misses == 1  # still counted, without the lock
+
+
+def test_file_lock_without_create_refuses_a_missing_file(tmp_path: Path) -> None:
+    from ecg_inception.core.locks import file_lock
+
+    missing = tmp_path / "sub" / "x.lock"
+    with pytest.raises(FileNotFoundError), file_lock(missing, create=False):
+        pass
+    assert not missing.parent.exists()
+    with file_lock(missing):
+        pass
+    with file_lock(missing, create=False):
+        assert missing.is_file()
+
+
 class _Files(Dataset):
     def __init__(self, cache: DecodedCache, paths: list[Path]) -> None:
         self.cache, self.paths = cache, paths

@@ -14,18 +14,22 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def file_lock(path: str | Path) -> Iterator[None]:
-    """Hold an exclusive `flock` on `path` (created, with its folder, when missing) for the `with` block.
+def file_lock(path: str | Path, create: bool = True) -> Iterator[None]:
+    """Hold an exclusive `flock` on `path` for the `with` block.
 
     Args:
         path: The lock file.
+        create: Create the file (and its folder) when missing. False: lock only a file that exists, in one
+            step (no check-then-open race that could re-create a file its owner has just removed).
 
     Raises:
+        FileNotFoundError: `create` is False and the file does not exist (nothing is created).
         OSError: The lock file cannot be created or opened.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
+    if create:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+" if create else "r+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

@@ -207,11 +207,12 @@ class DecodedCache:
     def _counts_locked(self) -> Iterator[None]:
         """Hold the counters' file lock (inside `self._lock`, which serialises this process's threads)."""
         path = self._counts_lock_path
-        # no lock file (none could be made, or the cache that made it is gone; never re-create it): count without
-        if path is None or not os.path.exists(path):
-            yield
-            return
-        with file_lock(path):
+        with contextlib.ExitStack() as stack:
+            # no lock file (none could be made, or the cache that made it is gone; never re-create it): count
+            # without; opening only an existing file leaves no window in which a removed one comes back
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    stack.enter_context(file_lock(path, create=False))
             yield
 
     def _remember(self, key: str, tensor: torch.Tensor) -> None:
