@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from ecg_inception.core.provenance import software
 from ecg_inception.distributed import is_rank_zero
 from ecg_inception.errors import ConfigValueError
 from ecg_inception.models.backbone import check_pretrained_available
@@ -60,6 +61,7 @@ def pretrain(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         CheckpointNotFoundError: `ckpt_path` names no checkpoint (or `last` finds none).
     """
     started = time.perf_counter()
+    software()  # the code as this run starts (cached for metrics.json)
     output_dir = Path(str(cfg.paths.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
     if is_rank_zero():

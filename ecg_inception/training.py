@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ecg_inception.callbacks import BestWeights, FiniteLoss
 from ecg_inception.core.locks import file_lock
+from ecg_inception.core.provenance import software
 from ecg_inception.data.datamodule import EcgDataModule
 from ecg_inception.data.settings import check_run_data
 from ecg_inception.data.whole_folder import check_folder, training_copies, write_whole_folder_manifest
@@ -320,6 +321,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
 
         return pretrain(cfg)
     started = time.perf_counter()
+    software()  # the code as this run starts, not as it is when metrics.json is written (cached for it)
     output_dir = Path(str(cfg.paths.output_dir))
     check_output_dir(output_dir)  # writable (room for the checkpoints is checked once the model is built)
     if cfg.get("ckpt_path") == "auto" and explicit_run_dir():
@@ -484,6 +486,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         CheckpointNotFoundError: `ckpt_path` names no checkpoint.
         ManifestError: the split manifest does not fit the data.
     """
+    software()  # the code as this run starts (cached for metrics.json)
     output_dir = Path(str(cfg.paths.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True)

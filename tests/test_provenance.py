@@ -89,3 +89,25 @@ def _roots() -> list[Path]:
 
     conf_dir = Path(conf.__file__).resolve().parent
     return [PACKAGE] if conf_dir.is_relative_to(PACKAGE) else [PACKAGE, conf_dir]
+
+
+@pytest.mark.parametrize("entry", ["train", "evaluate"])
+def test_runs_record_the_code_as_they_start(entry: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The digest used to be taken when metrics.json was written, at the end: a run whose package files changed
+    while it trained (an edit in a checkout) recorded the edited code. Now train() and evaluate() take it first."""
+    from conftest import compose_cfg
+
+    import ecg_inception.training as training
+
+    class Started(Exception):
+        pass
+
+    def first(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(training, "software", first)
+    monkeypatch.setattr(training, "check_output_dir", lambda *a, **k: (_ for _ in ()).throw(AssertionError("too late")))
+    cfg = compose_cfg("train" if entry == "train" else "eval",
+                      [f"paths.output_dir={tmp_path}"] + (["ckpt_path=x.ckpt"] if entry == "evaluate" else []))
+    with pytest.raises(Started):
+        getattr(training, entry)(cfg)
