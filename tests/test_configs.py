@@ -78,7 +78,10 @@ def test_scratch_cpu_is_the_measured_recipe() -> None:
     """The settings docs/scratch_cpu.md measured; change them only with new measurements."""
     cfg = _compose(overrides=["experiment=scratch_cpu", "paths.output_dir=x"])
     assert (cfg.data.protocol, cfg.data.balance, list(cfg.data.image_size)) == ("leakfree", "none", [128, 256])
-    assert cfg.data.ink is True and cfg.data.augment is False and cfg.data.batch_size == 16
+    assert cfg.data.ink is True and cfg.data.batch_size == 16
+    assert cfg.data.augment is True and cfg.data.augment_kind == "none"  # page augmentation only (version 3)
+    assert OmegaConf.to_container(cfg.data.page_augment) == {"scale": [0.5, 1.5], "jpeg_quality": [40, 95],
+                                                             "jpeg_p": 0.5}
     assert cfg.model.pretrained is False and cfg.model.aux_logits is False and cfg.model.unfreeze.blocks == "all"
     assert cfg.model.optimizer._target_ == "torch.optim.Adam" and cfg.model.optimizer.lr == 0.001
     assert cfg.model.scheduler is None and cfg.model.label_smoothing == 0.0 and cfg.model.drop_rate == 0.0

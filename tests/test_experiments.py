@@ -61,8 +61,9 @@ def test_scratch_cpu_feeds_wide_ink_and_averages_the_weights(synthetic_root: Pat
     x, _ = dm.dataset("train")[0]
     assert x.shape == (3, 128, 256)
     assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])  # ink: grid removed, grey trace on all channels
-    assert dm.augment is False
-    assert dm.dataset("train")[0][0].equal(x)  # no augmentation: the same tensor every time
+    assert dm.augment is True and dm.augment_kind == "none" and dm.page_augment is not None  # page-level only
+    assert dm.dataset("train").augment is None  # no tensor augmentation after preprocessing
+    assert dm.dataset("val")[0][0].equal(dm.dataset("val")[0][0])  # evaluation: the same tensor every time
     emas = [c for c in instantiate_callbacks(cfg.callbacks) if isinstance(c, EmaWeights)]
     assert len(emas) == 1 and emas[0].start_epoch == 5
     model = _model(cfg, dm)
