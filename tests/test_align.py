@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 
 from ecg_inception.data.align import ALIGN_PAD_MM, aligned_crop, line_centre
 from ecg_inception.data.crop import CropBox, detect_grid_box
-from ecg_inception.data.pages import preprocess_page
+from ecg_inception.data.pages import prepare_page, preprocess_page
 from ecg_inception.data.scale import CANONICAL_PX_PER_MM, measure_pitch
 from ecg_inception.data.transforms import PREPROCESS_VERSION, SUPPORTED_PREPROCESS_VERSIONS, preprocess
 from ecg_inception.synthetic.printout import render_page
@@ -123,10 +123,14 @@ def test_explain_geometry_follows_the_aligned_box(synthetic_page: Image.Image, r
 
     box = detect_grid_box(synthetic_page)
     crop = aligned_crop(synthetic_page, box)
-    source_size = (crop.box[2] - crop.box[0], crop.box[3] - crop.box[1])
     size = [128, 256]
-    g = input_geometry(synthetic_page.size, box, size, resize, source_size, crop.page_box)
+    prep = {"size": size, "ink": False, "crop": True, "resize": resize, "interpolation": "bicubic"}
+    prepared, used = prepare_page(synthetic_page, prep, box)
+    assert used == box and prepared.page_region == crop.page_box
+    assert prepared.content_size == (crop.box[2] - crop.box[0], crop.box[3] - crop.box[1])
+    g = input_geometry(synthetic_page.size, box, size, resize, prepared.content_size, prepared.page_region)
     out = preprocess(synthetic_page, box, size, resize).numpy().astype(np.float32)
+    assert torch.equal(prepared.image, torch.from_numpy(out.astype(np.uint8)))
     redness = np.clip(out[0] - np.maximum(out[1], out[2]), 0, None)
     left, top, width, height = g.content
     # The border line's centre sits ALIGN_PAD_MM inside the content's left edge, in page and in input.
@@ -138,3 +142,19 @@ def test_explain_geometry_follows_the_aligned_box(synthetic_page: Image.Image, r
     assert abs(float(u[0]) - (peak + 0.5)) <= 0.75
     x, _ = g.input_to_page(np.array([left, left + width]), np.array([top, top]))
     np.testing.assert_allclose(x, [crop.page_box[0], crop.page_box[2]], atol=1e-6)
+
+
+def test_version_2_region_is_the_clipped_box_at_the_canonical_scale(synthetic_page: Image.Image) -> None:
+    """Version 2 (and any fallback box) reads the clipped integer box, resampled to the canonical scale."""
+    box = detect_grid_box(synthetic_page)
+    wide = CropBox(box.left - 5000, box.top, box.right, box.bottom)  # clipped to the page's left edge
+    prep = {"size": [64, 128], "ink": False, "crop": True, "resize": "letterbox", "interpolation": "bicubic",
+            "version": 2}  # fmt: skip
+    prepared, _ = prepare_page(synthetic_page, prep, wide)
+    assert prepared.page_region == (0.0, float(box.top), float(box.right), float(box.bottom))
+    px_per_mm = measure_pitch(synthetic_page.crop((0, box.top, box.right, box.bottom))).px_per_mm
+    width, height = prepared.content_size
+    assert width == pytest.approx(box.right * CANONICAL_PX_PER_MM / px_per_mm, rel=0.01)
+    assert height == pytest.approx((box.bottom - box.top) * CANONICAL_PX_PER_MM / px_per_mm, rel=0.01)
+    no_crop, used = prepare_page(synthetic_page, {**prep, "crop": False})
+    assert used is None and no_crop.page_region == (0.0, 0.0, *map(float, synthetic_page.size))

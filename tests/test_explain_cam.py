@@ -15,6 +15,7 @@ from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from ecg_inception.data.align import aligned_crop
 from ecg_inception.data.crop import detect_grid_box
 from ecg_inception.data.transforms import preprocess
 from ecg_inception.inference.cam import choose_target_layer, compute_cam
@@ -145,3 +146,24 @@ def test_unreadable_inputs_and_bad_targets(tmp_path, one_thread: None) -> None:
         explain_pages(model, prep, [white], target="normal", layer="features")
     with pytest.raises(ValueError, match="out of range"):
         explain_pages(model, prep, [white], target=5, layer="features")
+
+
+def test_an_explained_page_is_registered_once(one_thread: None, rendered_page: pr.Printout, monkeypatch) -> None:
+    """Explain maps the region preprocessing read (`prepare_page`) instead of registering the crop a second time."""
+    from ecg_inception.data import transforms
+    from ecg_inception.inference import explain
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return aligned_crop(*args, **kwargs)
+
+    monkeypatch.setattr(transforms, "aligned_crop", counting)
+    monkeypatch.setattr(explain, "aligned_crop", counting, raising=False)
+    prep = {"size": [64, 128], "mean": [0.0] * 3, "std": [1.0] * 3, "interpolation": "bilinear",
+            "resize": "squash", "crop": True, "ink": True, "version": 3}  # fmt: skip
+    (rec,) = explain_pages(MaskedModel(torch.ones(64, 128, dtype=torch.bool)), prep, [rendered_page.image],
+                           layer="features")  # fmt: skip
+    assert rec.error is None and not rec.crop_fallback
+    assert len(calls) == 1

@@ -18,7 +18,12 @@ from PIL import Image
 from ecg_inception.core.plain import from_omegaconf
 from ecg_inception.data.cache import PreprocessSettings
 from ecg_inception.data.crop import CropBox, detect_grid_box
-from ecg_inception.data.transforms import PREPROCESS_VERSION, check_preprocessing_version, preprocess
+from ecg_inception.data.transforms import (
+    PREPROCESS_VERSION,
+    ModelInput,
+    check_preprocessing_version,
+    preprocess_input,
+)
 from ecg_inception.errors import ConfigValueError
 
 #: Keys a checkpoint's `preprocessing` dict must hold for prediction outside the training data.
@@ -48,17 +53,22 @@ def check_preprocessing(preprocessing: Mapping[str, Any] | None, source: str | P
 
 def preprocess_with(img: Image.Image, settings: PreprocessSettings) -> torch.Tensor:
     """One decoded page -> uint8 [3, H, W] under `settings`: the single step training, eval and prediction share."""
+    return preprocess_input_with(img, settings).image
+
+
+def preprocess_input_with(img: Image.Image, settings: PreprocessSettings) -> ModelInput:
+    """`preprocess_with`, keeping the page region the input was read from (for mapping heat maps back)."""
     s = settings
-    return preprocess(img, s.box, s.size, s.resize, s.interpolation, s.ink, version=s.version)
+    return preprocess_input(img, s.box, s.size, s.resize, s.interpolation, s.ink, version=s.version)
 
 
-def preprocess_page(
+def prepare_page(
     img: Image.Image, preprocessing: Mapping[str, Any], box: CropBox | None = None
-) -> tuple[torch.Tensor, CropBox | None]:
-    """A page outside any manifest (prediction) -> (uint8 [3, H, W], the crop box used or None).
+) -> tuple[ModelInput, CropBox | None]:
+    """A page outside any manifest (prediction) -> (its `ModelInput`, the crop box used or None).
 
     With crop on and no `box`, the box is detected as the audit detects it for the training split
-    (`detect_grid_box` on the decoded page); then the page goes through `preprocess_with`, as
+    (`detect_grid_box` on the decoded page); then the page goes through `preprocess_input_with`, as
     `EcgImageDataset` sends every file of a split.
 
     Args:
@@ -67,7 +77,7 @@ def preprocess_page(
         box: A known crop box (None: detect it).
 
     Returns:
-        The preprocessed uint8 image and the crop box (None when crop is off).
+        The model input with the page region it was read from, and the crop box (None when crop is off).
     """
     crop = bool(preprocessing["crop"])
     if crop and box is None:
@@ -77,4 +87,21 @@ def preprocess_page(
         box if crop else None, bool(preprocessing.get("ink", False)),
         int(preprocessing.get("version", PREPROCESS_VERSION)),
     )  # fmt: skip
-    return preprocess_with(img, settings), (box if crop else None)
+    return preprocess_input_with(img, settings), (box if crop else None)
+
+
+def preprocess_page(
+    img: Image.Image, preprocessing: Mapping[str, Any], box: CropBox | None = None
+) -> tuple[torch.Tensor, CropBox | None]:
+    """`prepare_page` without the region: (uint8 [3, H, W], the crop box used or None).
+
+    Args:
+        img: The decoded page (`data.scan.open_rgb` or any PIL image).
+        preprocessing: A checkpoint's `preprocessing` dict (see `check_preprocessing`).
+        box: A known crop box (None: detect it).
+
+    Returns:
+        The preprocessed uint8 image and the crop box (None when crop is off).
+    """
+    prepared, used = prepare_page(img, preprocessing, box)
+    return prepared.image, used

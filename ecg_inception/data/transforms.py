@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 
 from ecg_inception.core.sizes import SizeSpec, parse_image_size, size_value  # noqa: F401 - re-exported
-from ecg_inception.data.align import aligned_crop
+from ecg_inception.data.align import Box, aligned_crop
 from ecg_inception.data.crop import CropBox
 from ecg_inception.data.scale import CANONICAL_PX_PER_MM, GridPitch, measure_pitch, to_canonical
 from ecg_inception.errors import ConfigValueError
@@ -160,6 +160,23 @@ def ink_thickening(width: int, height: int, size: SizeSpec, resize: str = "squas
     return max(1, int(factor / 2)) | 1
 
 
+@dataclass(frozen=True)
+class ModelInput:
+    """One page's model input and the page region it was read from.
+
+    Attributes:
+        image: The uint8 input [3, height, width].
+        page_region: (left, top, right, bottom) in page pixels, continuous coordinates, of what the final resize
+            read: the border-registered box (version 3) or the clipped crop box (version 2, the whole page
+            without a box). A heat map of `image` maps back onto this region.
+        content_size: (width, height) of that region at the canonical scale, as the final resize saw it.
+    """
+
+    image: torch.Tensor
+    page_region: Box
+    content_size: tuple[float, float]
+
+
 def preprocess(
     img: Image.Image,
     box: CropBox | None,
@@ -170,7 +187,21 @@ def preprocess(
     pitch: GridPitch | None = None,
     version: int = PREPROCESS_VERSION,
 ) -> torch.Tensor:
-    """The model input of one page, uint8 [3, height, width].
+    """The model input of one page, uint8 [3, height, width]: `preprocess_input(...).image` (see there)."""
+    return preprocess_input(img, box, size, resize, interpolation, ink, pitch, version).image
+
+
+def preprocess_input(
+    img: Image.Image,
+    box: CropBox | None,
+    size: SizeSpec,
+    resize: str = "squash",
+    interpolation: str = "bicubic",
+    ink: bool = False,
+    pitch: GridPitch | None = None,
+    version: int = PREPROCESS_VERSION,
+) -> ModelInput:
+    """The model input of one page, with the page region it was read from.
 
     1. Crop to `box` (None: the whole page).
     2. Resample the crop to `scale.CANONICAL_PX_PER_MM` from its grid pitch (`pitch`, None: measured here with
@@ -193,7 +224,7 @@ def preprocess(
         version: The preprocessing version to reproduce (one of `SUPPORTED_PREPROCESS_VERSIONS`).
 
     Returns:
-        The uint8 tensor.
+        The `ModelInput`: the uint8 tensor, the page region read and its size at the canonical scale.
 
     Raises:
         ValueError: An unknown resize mode, interpolation or version, or a box that leaves nothing of the page.
@@ -210,14 +241,16 @@ def preprocess(
     img = img.convert("RGB") if img.mode != "RGB" else img
     if version >= 3 and box is not None and not box.fallback:
         aligned = aligned_crop(img, box, pitch)
-        img, content = aligned.image, aligned.box
+        img, content, region = aligned.image, aligned.box, aligned.page_box
     else:
+        left, top, right, bottom = 0, 0, img.width, img.height
         if box is not None:
             left, top = max(0, box.left), max(0, box.top)
             right, bottom = min(img.width, box.right), min(img.height, box.bottom)
             if right - left < 2 or bottom - top < 2:
                 raise ValueError(f"crop box {box} leaves nothing of a {img.width}x{img.height} image")
             img = img.crop((left, top, right, bottom))
+        region = (float(left), float(top), float(right), float(bottom))
         img = to_canonical(img, pitch if pitch is not None else measure_pitch(img))
         content = (0.0, 0.0, float(img.width), float(img.height))
     src_w, src_h = content[2] - content[0], content[3] - content[1]
@@ -232,7 +265,8 @@ def preprocess(
         h = min(out_h, max(1, round(src_h * scale)))
         out = Image.new("RGB", (out_w, out_h), (WHITE, WHITE, WHITE))
         out.paste(img.resize((w, h), method, box=content), ((out_w - w) // 2, (out_h - h) // 2))
-    return torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    image = torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+    return ModelInput(image, region, (src_w, src_h))
 
 
 _RECORD_KEYS = frozenset({"resize", "crop", "ink", "interpolation"})  # what every datamodule record has

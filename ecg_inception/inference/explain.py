@@ -2,7 +2,7 @@
 
 `explain_pages(model, preprocessing, inputs)` is the whole pipeline for any classifier and its checkpoint's
 `preprocessing` dict: the Predictor's input handling (`inputs.expand_inputs`, `decode_item`) and the training
-datasets' preprocessing (`data.pages.preprocess_page`), one forward and backward pass per batch
+datasets' preprocessing (`data.pages.prepare_page`, which also gives the page region the input was read from), one forward and backward pass per batch
 (`cam.compute_cam`), the map carried back onto the page (`geometry`), lead shares (`leads`).
 `Predictor.explain` calls it with the Predictor's model, preprocessing, temperature and threshold. Explanations
 never use TTA: the map is of the one centre view the probabilities come from.
@@ -19,10 +19,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from ecg_inception.data.align import aligned_crop
-from ecg_inception.data.crop import CropBox
-from ecg_inception.data.pages import preprocess_page
-from ecg_inception.data.transforms import PREPROCESS_VERSION, Normalize, parse_image_size
+from ecg_inception.data.pages import prepare_page
+from ecg_inception.data.transforms import Normalize, parse_image_size
 from ecg_inception.errors import UnreadableImageError
 from ecg_inception.inference.cam import TargetLayer, choose_target_layer, compute_cam
 from ecg_inception.inference.geometry import InputGeometry, input_geometry, map_to_box, map_to_page
@@ -87,23 +85,17 @@ def _prepare(item: InputItem, preprocessing: Mapping[str, Any]) -> _Page | Expla
     """Decode and preprocess one page as the Predictor's `PageDataset` does; a record with the error if it fails."""
     try:
         page = decode_item(item)
-        image, box = preprocess_page(page, preprocessing)
+        prepared, crop = prepare_page(page, preprocessing)
     except UnreadableImageError as exc:
         return Explanation(path=item.name, error=exc.reason)
     except (ValueError, OSError, MemoryError) as exc:
         return Explanation(path=item.name, error=f"cannot preprocess: {type(exc).__name__}: {exc}")
     record = Explanation(path=item.name)
-    crop: CropBox | None = box
     if crop is not None:
         record.crop_box, record.crop_fallback = crop.as_list(), bool(crop.fallback)
-    source_box, source_size = None, None
-    if crop is not None and not crop.fallback and int(preprocessing.get("version", PREPROCESS_VERSION)) >= 3:
-        aligned = aligned_crop(page if page.mode == "RGB" else page.convert("RGB"), crop)  # what preprocess read
-        source_box = aligned.page_box
-        source_size = (aligned.box[2] - aligned.box[0], aligned.box[3] - aligned.box[1])
-    geometry = input_geometry(page.size, crop, preprocessing["size"], str(preprocessing["resize"]), source_size,
-                              source_box)  # fmt: skip
-    return _Page(record, page, image, geometry)
+    geometry = input_geometry(page.size, crop, preprocessing["size"], str(preprocessing["resize"]),
+                              prepared.content_size, prepared.page_region)  # fmt: skip
+    return _Page(record, page, prepared.image, geometry)
 
 
 def iter_explain(
