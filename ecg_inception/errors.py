@@ -51,6 +51,10 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
         EcgInceptionError.__init__(self, message)
 
 
+class EnsembleError(EcgInceptionError, ValueError):
+    """Checkpoints that cannot be averaged as one model: no members, or labels or preprocessing that differ."""
+
+
 class ConfigValueError(EcgInceptionError, ValueError):
     """A configuration value (from a config, a checkpoint or a run folder) is missing, mistyped or not allowed."""
 

@@ -1,7 +1,8 @@
 """`ecg-inception-predict CKPT INPUT... [--out preds.csv|preds.json]`: classify printouts with a trained model.
 
 CKPT is a checkpoint from `ecg-inception-train`, or a model from `ecg-inception-export` (`.onnx` / `.pt2` with
-its sidecar). Every file named explicitly gets a row; folders are walked with the scan's image filter. An
+its sidecar); `--member CKPT` (repeatable) averages further checkpoints' probabilities with it (a seed ensemble,
+`inference.ensemble`). Every file named explicitly gets a row; folders are walked with the scan's image filter. An
 unreadable file gets a row with its error and the others are still predicted; the exit status is 1 when any
 file failed (2 when the model cannot be loaded). A summary goes to stderr.
 """
@@ -30,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", help="checkpoint (.ckpt) or exported model (.onnx / .pt2 with its .json sidecar)")
     parser.add_argument("inputs", nargs="+", help="image files and/or folders (walked recursively)")
+    parser.add_argument("--member", action="append", default=[], metavar="CKPT",
+                        help="average this checkpoint's probabilities with the model's (repeat for more; same "
+                             "labels and preprocessing; checkpoints only): a seed ensemble")
     parser.add_argument("--out", default=None,
                         help="write the records here: .json (records + summary) or CSV (any other name); "
                              "default: CSV on stdout")
@@ -60,7 +64,12 @@ def load_predictor(args: argparse.Namespace) -> Predictor:
 
     kwargs = dict(device=args.device, batch_size=args.batch_size, num_workers=args.num_workers,
                   low_confidence=args.low_confidence, tta=args.tta, prep_threads=args.prep_threads)
-    if Path(args.model).suffix.lower() in (".onnx", ".pt2"):
+    exported = [m for m in (args.model, *args.member) if Path(m).suffix.lower() in (".onnx", ".pt2")]
+    if args.member:
+        if exported:
+            raise ValueError(f"--member averages checkpoints; {exported[0]} is an exported model")
+        return _Predictor.from_checkpoints([args.model, *args.member], **kwargs)
+    if exported:
         return load_exported(args.model, **kwargs)
     return _Predictor.from_checkpoint(args.model, **kwargs)
 
@@ -83,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ecg-inception-predict: error: {err}", file=sys.stderr)
         return 2
     expanded = expand_inputs(args.inputs)
+    if args.cam and predictor.ensemble is not None:
+        print(f"ecg-inception-predict: error: --cam explains one checkpoint, not an ensemble of "
+              f"{len(predictor.ensemble.members)}: drop --member", file=sys.stderr)  # fmt: skip
+        return 2
     if args.cam and predictor.model is None:
         print(f"ecg-inception-predict: error: --cam needs a checkpoint, not an exported model ({args.model})",
               file=sys.stderr)

@@ -69,7 +69,8 @@ class Predictor:
             none for inputs that fit in one batch).
         low_confidence: A record whose top probability is below this is flagged `low_confidence`.
         tta: Average the probabilities over whole-pixel shifted views (`inference.tta`) by default.
-        temperature: The temperature `forward` applies (for information; `forward` applies it).
+        temperature: The temperature `forward` applies (for information; `forward` applies it; NaN for an
+            ensemble of several, whose members apply their own).
         source: The file the model came from.
         model_threads: torch intra-op threads while predicting on the CPU (None: leave torch's setting). On 2
             cores, 2 model threads beside 1-2 decode workers were faster than giving the model only the cores
@@ -120,8 +121,10 @@ class Predictor:
         self.model_threads = None if model_threads is None else int(model_threads)
         self.prep_threads = usable_cpus() if prep_threads is None else int(prep_threads)
         self.normalize = Normalize(self.preprocessing["mean"], self.preprocessing["std"])
-        #: The EcgClassifier behind `forward` (None for an exported model).
+        #: The EcgClassifier behind `forward` (None for an exported model or an ensemble).
         self.model: Any = None
+        #: The `CheckpointEnsemble` behind `forward` (`from_checkpoints`; None otherwise).
+        self.ensemble: Any = None
 
     @classmethod
     def from_checkpoint(
@@ -166,6 +169,54 @@ class Predictor:
                         temperature=model.temperature, source=str(path), model_threads=model_threads,
                         prep_threads=prep_threads)  # fmt: skip
         predictor.model = model
+        return predictor
+
+    @classmethod
+    def from_checkpoints(
+        cls,
+        paths: Sequence[str | Path],
+        device: str | torch.device = "auto",
+        batch_size: int = 16,
+        num_workers: int | None = None,
+        low_confidence: float = DEFAULT_LOW_CONFIDENCE,
+        tta: bool = False,
+        model_threads: int | None = None,
+        prep_threads: int | None = None,
+    ) -> Predictor:
+        """A Predictor that averages the calibrated probabilities of several checkpoints (`inference.ensemble`).
+
+        The members must share their labels and preprocessing; each page is preprocessed once and each member
+        applies its own temperature. One path gives the same probabilities as `from_checkpoint`.
+
+        Args:
+            paths: Checkpoints written by `ecg-inception-train` (for example one recipe trained with several
+                seeds on one split).
+            device: "cpu", "cuda" or "auto" (cuda when available).
+            batch_size: Pages per forward pass.
+            num_workers: DataLoader workers (see the class).
+            low_confidence: Top-probability threshold of the `low_confidence` flag (on the averaged probabilities).
+            tta: Shifted-view test-time augmentation by default.
+            model_threads: torch intra-op threads while predicting on the CPU (None: torch's setting).
+            prep_threads: Threads that preprocess a batch when no worker does (None: the usable CPUs).
+
+        Returns:
+            The Predictor; `ensemble` holds the members, `model` is None (explanations need one checkpoint).
+
+        Raises:
+            EnsembleError: No paths, a path given twice, or members whose labels or preprocessing differ.
+            CheckpointError: A file is not a usable checkpoint (the message names it).
+        """
+        from ecg_inception.inference.ensemble import load_ensemble
+
+        dev = resolve_device(device)
+        ensemble = load_ensemble(paths, map_location=dev)
+        temperatures = ensemble.temperatures
+        predictor = cls(ensemble, ensemble.labels, ensemble.preprocessing, device=dev, batch_size=batch_size,
+                        num_workers=num_workers, low_confidence=low_confidence, tta=tta,
+                        temperature=temperatures[0] if len(temperatures) == 1 else math.nan,
+                        source=" + ".join(ensemble.sources), model_threads=model_threads,
+                        prep_threads=prep_threads)  # fmt: skip
+        predictor.ensemble = ensemble
         return predictor
 
     # ------------------------------------------------------------------------------------------ batches
@@ -280,6 +331,9 @@ class Predictor:
         """
         from ecg_inception.inference.explain import explain_pages
 
+        if self.ensemble is not None:
+            raise ValueError(f"{self.source}: explain needs one checkpoint, not an ensemble of "
+                             f"{len(self.ensemble.members)}; explain a member's checkpoint")  # fmt: skip
         if self.model is None:
             raise ValueError(f"{self.source}: explain needs the checkpoint's model, not an exported one")
         return explain_pages(self.model, self.preprocessing, inputs, labels=self.labels, target=target,

@@ -1,0 +1,96 @@
+"""Seed ensembles (`inference.ensemble`): the mean of the members' calibrated probabilities, and what is refused."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from ecg_inception.cli.predict import main
+from ecg_inception.errors import EnsembleError
+from ecg_inception.inference import Predictor
+
+
+def _files(tiny_run: dict) -> list[Path]:
+    dm = tiny_run["objects"]["datamodule"]
+    return [dm.dataset_root() / r.path for r in dm.manifest.split_rows("test")][:4]
+
+
+def _probs(records) -> torch.Tensor:
+    return torch.tensor([[r.probabilities[k] for k in r.probabilities] for r in records], dtype=torch.float64)
+
+
+def _variant(tiny_run: dict, path: Path, seed: int = 0, temperature: float | None = None, **hparams) -> Path:
+    """A copy of the tiny checkpoint with another classifier head (and, if given, temperature or hparams)."""
+    raw = torch.load(tiny_run["ckpt"], map_location="cpu", weights_only=True)
+    state = dict(raw["state_dict"])
+    gen = torch.Generator().manual_seed(seed)
+    for key in ("backbone.fc.weight", "backbone.fc.bias"):
+        state[key] = state[key] + torch.randn(state[key].shape, generator=gen) * state[key].std()
+    out = dict(raw, state_dict=state, hyper_parameters={**raw["hyper_parameters"], **hparams})
+    if temperature is not None:
+        out["temperature"] = temperature
+    torch.save(out, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def second_member(tiny_run: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _variant(tiny_run, tmp_path_factory.mktemp("ensemble") / "member_b.ckpt", seed=1, temperature=2.5)
+
+
+def test_ensemble_is_the_mean_of_its_members(tiny_run: dict, second_member: Path, one_thread) -> None:
+    files = _files(tiny_run)
+    kwargs = dict(device="cpu", batch_size=2, num_workers=0)
+    a = _probs(Predictor.from_checkpoint(tiny_run["ckpt"], **kwargs).predict(files))
+    b = _probs(Predictor.from_checkpoint(second_member, **kwargs).predict(files))
+    assert not torch.allclose(a, b, atol=1e-3)  # two different models, each with its own temperature
+    both = Predictor.from_checkpoints([tiny_run["ckpt"], second_member], **kwargs)
+    records = both.predict(files)
+    torch.testing.assert_close(_probs(records), (a + b) / 2, atol=1e-6, rtol=0)
+    assert [r.label for r in records] == [both.labels[i] for i in ((a + b) / 2).argmax(1).tolist()]
+    assert both.ensemble.temperatures == [pytest.approx(tiny_run["objects"]["model"].temperature), 2.5]
+    assert both.model is None and str(second_member) in both.source
+    one = Predictor.from_checkpoints([tiny_run["ckpt"]], **kwargs)
+    torch.testing.assert_close(_probs(one.predict(files)), a, atol=1e-7, rtol=0)
+    assert one.temperature == pytest.approx(tiny_run["objects"]["model"].temperature)
+    with pytest.raises(ValueError, match="not an ensemble of 2"):
+        both.explain(files[:1])
+
+
+def test_members_that_cannot_be_averaged_are_refused(tiny_run: dict, tmp_path: Path) -> None:
+    labels = list(tiny_run["metrics"]["labels"])
+    renamed = _variant(tiny_run, tmp_path / "renamed.ckpt", labels=labels[::-1])
+    with pytest.raises(EnsembleError, match="renamed.ckpt: labels .* share their labels in order"):
+        Predictor.from_checkpoints([tiny_run["ckpt"], renamed], device="cpu")
+    raw = torch.load(tiny_run["ckpt"], map_location="cpu", weights_only=True)
+    prep = {**raw["hyper_parameters"]["preprocessing"], "interpolation": "bilinear"}
+    other_prep = _variant(tiny_run, tmp_path / "bilinear.ckpt", preprocessing=prep)
+    with pytest.raises(EnsembleError, match="bilinear.ckpt: preprocessing interpolation='bilinear' differs"):
+        Predictor.from_checkpoints([tiny_run["ckpt"], other_prep], device="cpu")
+    with pytest.raises(EnsembleError, match="given twice"):
+        Predictor.from_checkpoints([tiny_run["ckpt"], Path(tiny_run["ckpt"]).parent / ".." / "checkpoints"
+                                    / Path(tiny_run["ckpt"]).name], device="cpu")  # fmt: skip
+    with pytest.raises(EnsembleError, match="at least one"):
+        Predictor.from_checkpoints([], device="cpu")
+
+
+def test_cli_member_flag(tiny_run: dict, second_member: Path, tmp_path: Path, capsys, one_thread) -> None:
+    files = [str(f) for f in _files(tiny_run)]
+    out = tmp_path / "preds.csv"
+    args = ["--batch-size", "2", "--num-workers", "0", "--device", "cpu"]
+    assert main([str(tiny_run["ckpt"]), *files, "--member", str(second_member), "--out", str(out), *args]) == 0
+    labels = tiny_run["metrics"]["labels"]
+    got = torch.tensor([[float(r[f"prob_{k}"]) for k in labels] for r in csv.DictReader(out.open())],
+                       dtype=torch.float64)  # fmt: skip
+    expected = _probs(Predictor.from_checkpoints([tiny_run["ckpt"], second_member], device="cpu", batch_size=2,
+                                                 num_workers=0).predict(files))  # fmt: skip
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    capsys.readouterr()
+    assert main([str(tiny_run["ckpt"]), *files, "--member", str(second_member), "--cam", str(tmp_path / "cam"),
+                 *args]) == 2  # fmt: skip
+    assert "not an ensemble of 2: drop --member" in capsys.readouterr().err
+    assert main([str(tiny_run["ckpt"]), *files, "--member", str(tmp_path / "model.onnx"), *args]) == 2
+    assert "model.onnx is an exported model" in capsys.readouterr().err
