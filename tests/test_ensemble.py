@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_benchmark
 
 from ecg_inception.cli.predict import main
 from ecg_inception.errors import EnsembleError
@@ -94,3 +96,30 @@ def test_cli_member_flag(tiny_run: dict, second_member: Path, tmp_path: Path, ca
     assert "not an ensemble of 2: drop --member" in capsys.readouterr().err
     assert main([str(tiny_run["ckpt"]), *files, "--member", str(tmp_path / "model.onnx"), *args]) == 2
     assert "model.onnx is an exported model" in capsys.readouterr().err
+
+
+def test_bench_ensemble_puts_members_and_ensemble_side_by_side(tiny_run: dict, second_member: Path,
+                                                               tmp_path: Path, one_thread) -> None:
+    """`bench_ensemble.py`: one row per member and one for the ensemble, each the Predictor's own figure."""
+    from ecg_inception.models.metrics import report_from_predictions
+
+    dm = tiny_run["objects"]["datamodule"]
+    out = tmp_path / "ensemble.json"
+    proc = run_benchmark("bench_ensemble", "--ckpt", str(tiny_run["ckpt"]), str(second_member), "--root",
+                         str(dm.dataset_root()), "--manifest", str(tiny_run["run"] / "splits.csv"), "--splits",
+                         "test", "--limit", "2", "--json", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = json.loads(out.read_text())["figures"]
+    assert figures["models"] == ["member 1", "member 2", "ensemble"]
+    rows = dm.manifest.split_rows("test")
+    labels = list(tiny_run["metrics"]["labels"])
+    target = torch.tensor([labels.index(r.label) for r in rows])
+    for i, members in enumerate(([tiny_run["ckpt"]], [second_member], [tiny_run["ckpt"], second_member])):
+        predictor = Predictor.from_checkpoints(members, device="cpu", num_workers=0)
+        probs = _probs(predictor.predict([dm.dataset_root() / r.path for r in rows]))
+        expected = report_from_predictions(probs, target, labels)
+        assert figures["test"][i]["f1_macro"] == pytest.approx(expected["f1_macro"], abs=1e-6)
+        assert figures["test"][i]["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
+    if "pairs" in figures:  # the dev set is present
+        assert figures["pairs"]["n"] == 2 and len(figures["pairs"]["agreement"]) == 3
+        assert all(0 <= a <= 2 for a in figures["pairs"]["agreement"])
