@@ -4,7 +4,7 @@ Several checkpoints trained on one split (one recipe, different training seeds: 
 varied) are averaged by `Predictor.from_checkpoints` (`inference.ensemble`). For each member and for the
 ensemble this prints, from one preprocessing pass per page:
 
-- the macro-F1 and accuracy on each split of `--manifest` named in `--splits` (default val and test; choose
+- the macro-F1, accuracy and NLL (of the calibrated probabilities) on each split of `--manifest` named in `--splits` (default val and test; choose
   by val, the test only reports);
 - with `--fullres` and `--dev` present (the 32 originals and their half-resolution twins, as
   `bench_resolution.py score` reads them): how many of the 32 get the same label on both sides, and the
@@ -40,6 +40,11 @@ def member_and_ensemble_probs(predictor: Any, paths: list[Path]) -> list[torch.T
         return [*members, predictor.forward(x).float().cpu()]
 
 
+def nll(probs: torch.Tensor, target: torch.Tensor) -> float:
+    """Mean negative log-likelihood of the true class (the calibrated probabilities clamped at 1e-12)."""
+    return float(-probs.gather(1, target[:, None]).clamp_min(1e-12).log().mean())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", type=Path, nargs="+", required=True, help="the members (one split, one recipe)")
@@ -72,10 +77,11 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"{args.manifest}: no {split!r} rows")
             target = torch.tensor([labels.index(r.label) for r in rows])
             probs = member_and_ensemble_probs(predictor, [args.root / r.path for r in rows])
-            reports = [report_from_predictions(p, target, labels) for p in probs]
+            reports = [report_from_predictions(p, target, labels, nll(p, target)) for p in probs]
             figures[split] = reports
             columns[f"{split} macro-F1"] = [f"{r['f1_macro']:.3f}" for r in reports]
             columns[f"{split} accuracy"] = [f"{r['accuracy']:.3f}" for r in reports]
+            columns[f"{split} NLL"] = [f"{r['loss']:.3f}" for r in reports]
             checks.append(Check(f"{split} macro-F1, ensemble", reports[-1]["f1_macro"], None))
             checks.append(Check(f"{split} macro-F1, members' mean",
                                 sum(r["f1_macro"] for r in reports[:-1]) / (len(reports) - 1), None))  # fmt: skip

@@ -120,6 +120,8 @@ def test_bench_ensemble_puts_members_and_ensemble_side_by_side(tiny_run: dict, s
         expected = report_from_predictions(probs, target, labels)
         assert figures["test"][i]["f1_macro"] == pytest.approx(expected["f1_macro"], abs=1e-6)
         assert figures["test"][i]["accuracy"] == pytest.approx(expected["accuracy"], abs=1e-6)
+        nll = float(-probs[torch.arange(len(target)), target].clamp_min(1e-12).log().mean())
+        assert figures["test"][i]["loss"] == pytest.approx(nll, abs=1e-4)
     if "pairs" in figures:  # the dev set is present
         assert figures["pairs"]["n"] == 2 and len(figures["pairs"]["agreement"]) == 3
         assert all(0 <= a <= 2 for a in figures["pairs"]["agreement"])
