@@ -2,8 +2,9 @@
 
 `explain_pages(model, preprocessing, inputs)` is the whole pipeline for any classifier and its checkpoint's
 `preprocessing` dict: the Predictor's input handling (`inputs.expand_inputs`, `decode_item`) and the training
-datasets' preprocessing (`data.pages.prepare_page`, which also gives the page region the input was read from), one forward and backward pass per batch
-(`cam.compute_cam`), the map carried back onto the page (`geometry`), lead shares (`leads`).
+datasets' preprocessing (`data.pages.prepare_page`, which also gives the page region the input was read from),
+one forward and backward pass per batch (`cam.compute_cam`), the map carried back onto the page (`geometry`),
+lead shares (`leads`).
 `Predictor.explain` calls it with the Predictor's model, preprocessing, temperature and threshold. Explanations
 never use TTA: the map is of the one centre view the probabilities come from.
 """
