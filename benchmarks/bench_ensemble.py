@@ -95,7 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         f1o = [report_from_predictions(p, target, labels)["f1_macro"] for p in originals]
         f1t = [report_from_predictions(p, target, labels)["f1_macro"] for p in twins]
         n = len(items)
-        figures["pairs"] = {"n": n, "agreement": agree, "f1_originals": f1o, "f1_twins": f1t}
+        flips = [[f"{o.parent.name}/{o.name}: {labels[int(a)]} / {labels[int(b)]}"
+                  for (o, _), a, b in zip(items, po.argmax(-1), pt.argmax(-1), strict=True) if a != b]
+                 for po, pt in zip(originals, twins, strict=True)]  # fmt: skip
+        figures["pairs"] = {"n": n, "agreement": agree, "f1_originals": f1o, "f1_twins": f1t, "flips": flips}
+        for name, pages in zip(names, flips, strict=True):
+            print(f"{name}: label differs (original / twin) on {'; '.join(pages) if pages else 'no page'}")
         columns[f"same label (of {n})"] = [str(a) for a in agree]
         columns["macro-F1 originals"] = [f"{v:.3f}" for v in f1o]
         columns["macro-F1 twins"] = [f"{v:.3f}" for v in f1t]

@@ -32,7 +32,7 @@ from ecg_inception.distributed import is_rank_zero
 from ecg_inception.errors import ConfigValueError, DatasetError
 from ecg_inception.features.trunk_cache import TrunkCachedDataModule, use_trunk_cache
 from ecg_inception.models.backbone import check_pretrained_available
-from ecg_inception.models.calibration import calibration_report, fit_temperature
+from ecg_inception.models.calibration import calibration_report, fit_temperature, separable
 from ecg_inception.models.checkpoint import load_checkpoint
 from ecg_inception.models.module import EcgClassifier
 from ecg_inception.models.pretrained import check_finetune_preprocessing, reinit_heads, stored_training
@@ -192,7 +192,11 @@ def calibrate_model(model: EcgClassifier, best_checkpoint: str | None) -> float:
         log.warning("no validation logits: the temperature stays %.3f", model.temperature)
         return model.temperature
     model.temperature = fit_temperature(*model.last_logits["val"])
-    log.info("Temperature scaling: T = %.4f (fitted on val)", model.temperature)
+    if separable(*model.last_logits["val"]):
+        log.warning("Temperature scaling: the model classifies every val page right, so no temperature minimises "
+                    "the val NLL; T stays 1")  # fmt: skip
+    else:
+        log.info("Temperature scaling: T = %.4f (fitted on val)", model.temperature)
     if best_checkpoint and Path(best_checkpoint).is_file():
         try:
             store_temperature(best_checkpoint, model.temperature)

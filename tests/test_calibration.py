@@ -12,6 +12,7 @@ from ecg_inception.models.calibration import (
     check_temperature,
     expected_calibration_error,
     fit_temperature,
+    separable,
 )
 
 
@@ -41,6 +42,22 @@ def test_scaling_lowers_the_ece_of_an_overconfident_model_and_keeps_accuracy() -
 def test_an_underconfident_model_gets_a_temperature_below_one() -> None:
     logits, targets = _calibrated_logits(seed=1)
     assert fit_temperature(logits / 4, targets) < 0.5
+
+
+def test_a_split_classified_without_error_keeps_temperature_one() -> None:
+    """The bug: a 40-page val split, all right, gave T = 0.038 (a fit on a NLL that falls for ever as T -> 0)."""
+    logits, targets = _calibrated_logits(n=40, seed=2)
+    right = logits.clone()
+    right[torch.arange(40), targets] = logits.max(dim=1).values + 0.5  # every target now strictly on top
+    assert separable(right, targets) and not separable(logits, targets)
+    assert fit_temperature(right, targets) == 1.0
+    one_wrong = right.clone()
+    one_wrong[0, targets[0]] = one_wrong[0].min() - 1.0
+    assert not separable(one_wrong, targets)
+    assert fit_temperature(one_wrong, targets) != 1.0  # one error: an interior minimum, fitted as before
+    tie = right.clone()
+    tie[0] = 0.0  # a tie for the top is not a right answer
+    assert not separable(tie, targets)
 
 
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "x", None, True])
