@@ -7,10 +7,11 @@ flip: a horizontal flip reverses time and a vertical one inverts the waveforms.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from ecg_inception.data.crop import CropBox
 from ecg_inception.data.scale import CANONICAL_PX_PER_MM, GridPitch, measure_pitch, to_canonical
 from ecg_inception.errors import ConfigValueError
 
+P = ParamSpec("P")
 RESIZE_MODES = ("squash", "letterbox")
 AUGMENT_KINDS = ("ecg", "shift", "paper", "none")
 WHITE = 255  # the paper background: fill for letterbox bars and affine borders
@@ -177,20 +179,6 @@ class ModelInput:
     content_size: tuple[float, float]
 
 
-def preprocess(
-    img: Image.Image,
-    box: CropBox | None,
-    size: SizeSpec,
-    resize: str = "squash",
-    interpolation: str = "bicubic",
-    ink: bool = False,
-    pitch: GridPitch | None = None,
-    version: int = PREPROCESS_VERSION,
-) -> torch.Tensor:
-    """The model input of one page, uint8 [3, height, width]: `preprocess_input(...).image` (see there)."""
-    return preprocess_input(img, box, size, resize, interpolation, ink, pitch, version).image
-
-
 def preprocess_input(
     img: Image.Image,
     box: CropBox | None,
@@ -267,6 +255,22 @@ def preprocess_input(
         out.paste(img.resize((w, h), method, box=content), ((out_w - w) // 2, (out_h - h) // 2))
     image = torch.from_numpy(np.asarray(out, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
     return ModelInput(image, region, (src_w, src_h))
+
+
+def _image_only(fn: Callable[P, ModelInput]) -> Callable[P, torch.Tensor]:
+    """`fn` with the same (typed) arguments, returning only the `image` of its `ModelInput`."""
+
+    @functools.wraps(fn)
+    def image_only(*args: P.args, **kwargs: P.kwargs) -> torch.Tensor:
+        return fn(*args, **kwargs).image
+
+    return image_only
+
+
+#: The model input of one page, uint8 [3, height, width]: `preprocess_input(...).image`, with its arguments.
+preprocess = _image_only(preprocess_input)
+preprocess.__name__ = preprocess.__qualname__ = "preprocess"
+preprocess.__doc__ = "The model input of one page, uint8 [3, height, width]: `preprocess_input(...).image`."
 
 
 _RECORD_KEYS = frozenset({"resize", "crop", "ink", "interpolation"})  # what every datamodule record has

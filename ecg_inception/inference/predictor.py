@@ -172,17 +172,8 @@ class Predictor:
         return predictor
 
     @classmethod
-    def from_checkpoints(
-        cls,
-        paths: Sequence[str | Path],
-        device: str | torch.device = "auto",
-        batch_size: int = 16,
-        num_workers: int | None = None,
-        low_confidence: float = DEFAULT_LOW_CONFIDENCE,
-        tta: bool = False,
-        model_threads: int | None = None,
-        prep_threads: int | None = None,
-    ) -> Predictor:
+    def from_checkpoints(cls, paths: Sequence[str | Path], device: str | torch.device = "auto",
+                         **options: Any) -> Predictor:
         """A Predictor that averages the calibrated probabilities of several checkpoints (`inference.ensemble`).
 
         The members must share their labels and preprocessing; each page is preprocessed once and each member
@@ -192,12 +183,8 @@ class Predictor:
             paths: Checkpoints written by `ecg-inception-train` (for example one recipe trained with several
                 seeds on one split).
             device: "cpu", "cuda" or "auto" (cuda when available).
-            batch_size: Pages per forward pass.
-            num_workers: DataLoader workers (see the class).
-            low_confidence: Top-probability threshold of the `low_confidence` flag (on the averaged probabilities).
-            tta: Shifted-view test-time augmentation by default.
-            model_threads: torch intra-op threads while predicting on the CPU (None: torch's setting).
-            prep_threads: Threads that preprocess a batch when no worker does (None: the usable CPUs).
+            **options: What `from_checkpoint` takes besides the path and device (`batch_size`, `num_workers`,
+                `low_confidence`, applied to the averaged probabilities, `tta`, `model_threads`, `prep_threads`).
 
         Returns:
             The Predictor; `ensemble` holds the members, `model` is None (explanations need one checkpoint).
@@ -211,11 +198,9 @@ class Predictor:
         dev = resolve_device(device)
         ensemble = load_ensemble(paths, map_location=dev)
         temperatures = ensemble.temperatures
-        predictor = cls(ensemble, ensemble.labels, ensemble.preprocessing, device=dev, batch_size=batch_size,
-                        num_workers=num_workers, low_confidence=low_confidence, tta=tta,
+        predictor = cls(ensemble, ensemble.labels, ensemble.preprocessing, device=dev,
                         temperature=temperatures[0] if len(temperatures) == 1 else math.nan,
-                        source=" + ".join(ensemble.sources), model_threads=model_threads,
-                        prep_threads=prep_threads)  # fmt: skip
+                        source=" + ".join(ensemble.sources), **options)  # fmt: skip
         predictor.ensemble = ensemble
         return predictor
 
