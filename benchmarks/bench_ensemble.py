@@ -33,11 +33,12 @@ from ecg_inception.models.metrics import report_from_predictions
 
 
 def member_and_ensemble_probs(predictor: Any, paths: list[Path]) -> list[torch.Tensor]:
-    """[member 1, ..., member k, ensemble] probabilities [N, C] of `paths`, preprocessed once."""
+    """[member 1, ..., member k, ensemble] probabilities [N, C] of `paths`, preprocessed once, each member run once
+    (the ensemble's output is the mean of these, as its `forward` takes it)."""
     x = predictor.preprocess(paths).to(predictor.device)
     with torch.inference_mode():
-        members = [m.calibrated_probabilities(m(x)).float().cpu() for m in predictor.ensemble.members]
-        return [*members, predictor.forward(x).float().cpu()]
+        each = predictor.ensemble.member_probabilities(x).float().cpu()
+    return [*each, each.mean(dim=0)]
 
 
 def nll(probs: torch.Tensor, target: torch.Tensor) -> float:

@@ -67,9 +67,13 @@ class CheckpointEnsemble(nn.Module):
         """Each member's temperature, in member order."""
         return [float(m.temperature) for m in self.members]
 
+    def member_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised batch [N, 3, H, W] -> each member's calibrated probabilities [members, N, C]."""
+        return torch.stack([m.calibrated_probabilities(m(x)) for m in self.members])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised batch [N, 3, H, W] -> the mean of the members' calibrated probabilities [N, C]."""
-        return torch.stack([m.calibrated_probabilities(m(x)) for m in self.members]).mean(dim=0)
+        return self.member_probabilities(x).mean(dim=0)
 
 
 def load_ensemble(paths: Sequence[str | Path], map_location: str | torch.device = "cpu") -> CheckpointEnsemble:
@@ -87,8 +91,6 @@ def load_ensemble(paths: Sequence[str | Path], map_location: str | torch.device 
         CheckpointError: A file is not a usable checkpoint (the message names it).
     """
     paths = [Path(p) for p in paths]
-    if not paths:
-        raise EnsembleError("an ensemble needs at least one checkpoint")
     seen: dict[Path, Path] = {}
     for path in paths:
         key = path.resolve()
