@@ -7,8 +7,10 @@ ensemble this prints, from one preprocessing pass per page:
 - the macro-F1, accuracy and NLL (of the calibrated probabilities) on each split of `--manifest` named in `--splits` (default val and test; choose
   by val, the test only reports);
 - with `--fullres` and `--dev` present (the 32 originals and their half-resolution twins, as
-  `bench_resolution.py score` reads them): how many of the 32 get the same label on both sides, and the
-  macro-F1 on each side.
+  `bench_resolution.py score` reads them): how many of the 32 get the same label on both sides, the
+  macro-F1 on each side, and how far the probabilities move between a page and its twin (per page the
+  largest change of one class's probability; its mean and maximum over the pairs). The count only sees the
+  pages whose label flips; the shift says how close the others came.
 
     python benchmarks/bench_ensemble.py --root /data/dev32 --manifest RUN0/splits.csv \\
         --ckpt RUN0/checkpoints/best.ckpt RUN1/checkpoints/best.ckpt RUN2/checkpoints/best.ckpt
@@ -39,6 +41,11 @@ def member_and_ensemble_probs(predictor: Any, paths: list[Path]) -> list[torch.T
     with torch.inference_mode():
         each = predictor.ensemble.member_probabilities(x).float().cpu()
     return [*each, each.mean(dim=0)]
+
+
+def probability_shift(originals: torch.Tensor, twins: torch.Tensor) -> torch.Tensor:
+    """Per pair, the largest change of one class's probability between a page and its twin ([N] in [0, 1])."""
+    return (originals - twins).abs().amax(dim=-1)
 
 
 def nll(probs: torch.Tensor, target: torch.Tensor) -> float:
@@ -99,13 +106,20 @@ def main(argv: list[str] | None = None) -> int:
         flips = [[f"{o.parent.name}/{o.name}: {labels[int(a)]} / {labels[int(b)]}"
                   for (o, _), a, b in zip(items, po.argmax(-1), pt.argmax(-1), strict=True) if a != b]
                  for po, pt in zip(originals, twins, strict=True)]  # fmt: skip
-        figures["pairs"] = {"n": n, "agreement": agree, "f1_originals": f1o, "f1_twins": f1t, "flips": flips}
+        shifts = [probability_shift(o, t) for o, t in zip(originals, twins, strict=True)]
+        figures["pairs"] = {"n": n, "agreement": agree, "f1_originals": f1o, "f1_twins": f1t, "flips": flips,
+                            "shift_mean": [float(s.mean()) for s in shifts],
+                            "shift_max": [float(s.max()) for s in shifts]}  # fmt: skip
         for name, pages in zip(names, flips, strict=True):
             print(f"{name}: label differs (original / twin) on {'; '.join(pages) if pages else 'no page'}")
         columns[f"same label (of {n})"] = [str(a) for a in agree]
         columns["macro-F1 originals"] = [f"{v:.3f}" for v in f1o]
         columns["macro-F1 twins"] = [f"{v:.3f}" for v in f1t]
+        columns["prob. shift mean / max"] = [f"{s.mean():.3f} / {s.max():.3f}" for s in shifts]
         checks.append(Check(f"originals vs twins same label, ensemble (of {n})", float(agree[-1]), float(n - 1)))
+        checks.append(Check("probability shift, ensemble (mean over pairs)", float(shifts[-1].mean()), None))
+        checks.append(Check("probability shift, members' mean", float(sum(s.mean() for s in shifts[:-1]))
+                            / (len(shifts) - 1), None))  # fmt: skip
         checks.append(Check(f"members at >= {n - 1} of {n}", float(sum(a >= n - 1 for a in agree[:-1])), None))
         checks.append(Check("|F1 originals - F1 twins|, ensemble", abs(f1o[-1] - f1t[-1]), 0.05,
                             higher_is_better=False))  # fmt: skip

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_benchmark
+from conftest import DEV_ROOT, run_benchmark
 
 from ecg_inception.cli.predict import main
 from ecg_inception.errors import EnsembleError
@@ -125,3 +125,11 @@ def test_bench_ensemble_puts_members_and_ensemble_side_by_side(tiny_run: dict, s
     if "pairs" in figures:  # the dev set is present
         assert figures["pairs"]["n"] == 2 and len(figures["pairs"]["agreement"]) == 3
         assert all(0 <= a <= 2 for a in figures["pairs"]["agreement"])
+        fullres = DEV_ROOT.parent / "mendeley-ecg-fullres-sample"
+        originals = sorted(p for p in fullres.rglob("*.jpg") if (DEV_ROOT / p.relative_to(fullres)).is_file())[:2]
+        twins = [DEV_ROOT / p.relative_to(fullres) for p in originals]
+        for i, members in enumerate(([tiny_run["ckpt"]], [second_member], [tiny_run["ckpt"], second_member])):
+            predictor = Predictor.from_checkpoints(members, device="cpu", num_workers=0)
+            shift = (_probs(predictor.predict(originals)) - _probs(predictor.predict(twins))).abs().amax(dim=-1)
+            assert figures["pairs"]["shift_mean"][i] == pytest.approx(float(shift.mean()), abs=1e-5)
+            assert figures["pairs"]["shift_max"][i] == pytest.approx(float(shift.max()), abs=1e-5)
