@@ -31,6 +31,7 @@ from ecg_inception.data.whole_folder import check_folder, training_copies, write
 from ecg_inception.distributed import is_rank_zero
 from ecg_inception.errors import ConfigValueError, DatasetError
 from ecg_inception.features.trunk_cache import TrunkCachedDataModule, use_trunk_cache
+from ecg_inception.inference.ensemble import EnsembleEvaluation, load_ensemble
 from ecg_inception.models.backbone import check_pretrained_available
 from ecg_inception.models.calibration import calibration_report, fit_temperature, separable
 from ecg_inception.models.checkpoint import load_checkpoint
@@ -206,8 +207,19 @@ def calibrate_model(model: EcgClassifier, best_checkpoint: str | None) -> float:
     return model.temperature
 
 
-def _with_calibration(model: EcgClassifier, split: str) -> dict[str, Any] | None:
-    """The split's report plus ECE/NLL before and after temperature scaling (`calibration`)."""
+def _eval_members(cfg: DictConfig) -> list[Path]:
+    """`cfg.members` (absent, null or a list of checkpoint paths) as paths; anything else is refused."""
+    members = cfg.get("members")
+    if members is None:
+        return []
+    if isinstance(members, (str, bytes)) or not OmegaConf.is_list(members):
+        raise ConfigValueError(f"members={members!r}: give a list of checkpoint files, e.g. members=[b.ckpt,c.ckpt]")
+    return [Path(str(m)) for m in members]
+
+
+def _with_calibration(model: EcgClassifier | EnsembleEvaluation, split: str) -> dict[str, Any] | None:
+    """The split's report plus ECE/NLL before and after temperature scaling (`calibration`; an ensemble's
+    probabilities as they are: its log-probabilities with T = 1)."""
     report = model.last_reports.get(split)
     if report is None or split not in model.last_logits:
         return report
@@ -473,7 +485,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """Evaluate a checkpoint with the preprocessing, labels and split of its run (`ecg-inception-eval`).
 
     With `eval_all=true` and `data.root=/folder`, every file of that folder is scored (test role), and the report
-    says how many of them are byte copies of the run's training files.
+    says how many of them are byte copies of the run's training files. With `members=[b.ckpt, ...]` the
+    checkpoint and those members are scored as one seed ensemble (`inference.ensemble`: the mean of their
+    calibrated probabilities) on the checkpoint's run split; the members must share its labels and preprocessing.
 
     Args:
         cfg: a composed `eval.yaml` config; `cfg.ckpt_path` names the checkpoint (a path or `last`),
@@ -485,8 +499,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         `cfg`, `datamodule`, `model` and `trainer`.
 
     Raises:
-        ConfigValueError: splits other than val/test, or eval_all without data.root.
+        ConfigValueError: splits other than val/test, eval_all without data.root, or `members` not a list.
         DatasetError: a folder whose classes (or labels) are not the checkpoint's.
+        EnsembleError: members that differ from the checkpoint in labels or preprocessing, or one given twice.
         CheckpointNotFoundError: `ckpt_path` names no checkpoint.
         ManifestError: the split manifest does not fit the data.
     """
@@ -504,6 +519,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     ckpt = resolve_ckpt_path(str(cfg.ckpt_path), output_dir, Path(str(cfg.paths.log_dir)), "train")
     assert ckpt is not None
     model = EcgClassifier.from_checkpoint(ckpt)
+    members = _eval_members(cfg)
+    scored: EcgClassifier | EnsembleEvaluation = model
+    if members:  # checked (labels, preprocessing, files) before any data is touched
+        scored = EnsembleEvaluation(load_ensemble([ckpt, *members]))
     prep = dict(model.hparams.get("preprocessing") or {})  # checked by load_checkpoint: plain, allowed values
     overrides: dict[str, Any] = _run_data_settings(cfg, ckpt)
     for key_ckpt, key_data in (
@@ -547,10 +566,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False)
     logged: dict[str, float] = {}
     if "val" in splits:
-        trainer.validate(model=model, datamodule=datamodule, verbose=False)
+        trainer.validate(model=scored, datamodule=datamodule, verbose=False)
         logged.update(_scalar_metrics(trainer))
     if "test" in splits:
-        trainer.test(model=model, datamodule=datamodule, verbose=False)
+        trainer.test(model=scored, datamodule=datamodule, verbose=False)
         logged.update(_scalar_metrics(trainer))
     manifest = datamodule.manifest
     metrics: dict[str, Any] = {
@@ -562,8 +581,11 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         "split_manifest": split_manifest or "re-split (no manifest found)",
         "counts": manifest.counts(),
     }
+    if isinstance(scored, EnsembleEvaluation):
+        metrics["ensemble"] = {"members": [str(ckpt), *map(str, members)],
+                               "temperatures": scored.ensemble.temperatures}  # fmt: skip
     for split in splits:
-        metrics[split] = _with_calibration(model, split)
+        metrics[split] = _with_calibration(scored, split)
     if cfg.get("eval_all", False):
         metrics["eval_all"] = True
         metrics["training_copies"] = training_copies((r.sha256 for r in manifest.rows), run_manifest)
@@ -572,4 +594,4 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     if is_rank_zero():
         write_report(output_dir, metrics, plots=plots_enabled(cfg))
     log.info("Report written to %s", output_dir)
-    return metrics, {"cfg": cfg, "datamodule": datamodule, "model": model, "trainer": trainer}
+    return metrics, {"cfg": cfg, "datamodule": datamodule, "model": scored, "trainer": trainer}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEV_ROOT, run_benchmark
+from conftest import DEV_ROOT, compose_cfg, run_benchmark
 
 from ecg_inception.cli.predict import main
 from ecg_inception.errors import EnsembleError
@@ -133,3 +133,56 @@ def test_bench_ensemble_puts_members_and_ensemble_side_by_side(tiny_run: dict, s
             shift = (_probs(predictor.predict(originals)) - _probs(predictor.predict(twins))).abs().amax(dim=-1)
             assert figures["pairs"]["shift_mean"][i] == pytest.approx(float(shift.mean()), abs=1e-5)
             assert figures["pairs"]["shift_max"][i] == pytest.approx(float(shift.max()), abs=1e-5)
+
+
+def _eval_cfg(ckpt: Path, out: Path, *extra: str):
+    return compose_cfg("eval", [f"ckpt_path={ckpt}", f"paths.output_dir={out}", f"paths.cache_dir={out.parent / 'cache'}",
+                                "data.num_workers=0", "plots=false", "+trainer.enable_progress_bar=false", *extra])
+
+
+def test_eval_scores_an_ensemble_on_the_runs_split(tiny_run: dict, second_member: Path, tmp_path: Path,
+                                                   one_thread) -> None:
+    """`ecg-inception-eval members=[...]`: the run's val and test split scored by the ensemble, each figure the
+    Predictor ensemble's own; without members the report is the single model's, as before."""
+    from ecg_inception.models.metrics import report_from_predictions
+    from ecg_inception.training import evaluate
+
+    dm = tiny_run["objects"]["datamodule"]
+    labels = list(tiny_run["metrics"]["labels"])
+    result, objects = evaluate(_eval_cfg(tiny_run["ckpt"], tmp_path / "ens", f"members=[{second_member}]"))
+    assert result["ensemble"]["members"] == [str(tiny_run["ckpt"]), str(second_member)]
+    assert result["ensemble"]["temperatures"][1] == 2.5
+    saved = json.loads((tmp_path / "ens" / "metrics.json").read_text())
+    assert saved["ensemble"] == result["ensemble"] and saved["test"]["f1_macro"] == result["test"]["f1_macro"]
+    predictor = Predictor.from_checkpoints([tiny_run["ckpt"], second_member], device="cpu", num_workers=0)
+    for split in ("val", "test"):
+        rows = dm.manifest.split_rows(split)
+        target = torch.tensor([labels.index(r.label) for r in rows])
+        probs = _probs(predictor.predict([dm.dataset_root() / r.path for r in rows]))
+        expected = report_from_predictions(probs, target, labels)
+        assert result[split]["confusion_matrix"] == expected["confusion_matrix"], split
+        assert result[split]["f1_macro"] == pytest.approx(expected["f1_macro"], abs=1e-6)
+        nll = float(-probs[torch.arange(len(target)), target].clamp_min(1e-12).log().mean())
+        assert result[split]["loss"] == pytest.approx(nll, abs=1e-4)
+        calibration = result[split]["calibration"]
+        assert calibration["temperature"] == 1.0 and calibration["nll_before"] == pytest.approx(nll, abs=1e-4)
+    single, _ = evaluate(_eval_cfg(tiny_run["ckpt"], tmp_path / "one"))
+    assert "ensemble" not in single
+    assert single["test"]["confusion_matrix"] == tiny_run["metrics"]["test"]["confusion_matrix"]
+    assert single["test"]["loss"] == pytest.approx(tiny_run["metrics"]["test"]["loss"], rel=1e-4)
+    assert single["test"]["loss"] != pytest.approx(result["test"]["loss"], abs=1e-4)
+
+
+def test_eval_refuses_members_it_cannot_average(tiny_run: dict, tmp_path: Path) -> None:
+    from ecg_inception.errors import ConfigValueError
+    from ecg_inception.training import evaluate
+
+    labels = list(tiny_run["metrics"]["labels"])
+    renamed = _variant(tiny_run, tmp_path / "renamed.ckpt", labels=labels[::-1])
+    with pytest.raises(EnsembleError, match="renamed.ckpt: labels"):
+        evaluate(_eval_cfg(tiny_run["ckpt"], tmp_path / "a", f"members=[{renamed}]"))
+    with pytest.raises(EnsembleError, match="given twice"):
+        evaluate(_eval_cfg(tiny_run["ckpt"], tmp_path / "b", f"members=[{tiny_run['ckpt']}]"))
+    with pytest.raises(ConfigValueError, match="members=.*give a list"):
+        evaluate(_eval_cfg(tiny_run["ckpt"], tmp_path / "c", f"members={renamed}"))
+    assert not (tmp_path / "a" / "metrics.json").exists()

@@ -4,7 +4,8 @@ A from-scratch network trained on a few hundred ECGs decides pages near a class 
 training seed to the next; the average of a few seeds' probabilities is a steadier model (docs/scratch_cpu.md,
 "Seed ensembles"). Members must share their labels (in order) and their whole `preprocessing` dict, so every page
 is decoded and preprocessed once and each member sees exactly the input it was trained on; each member keeps its
-own temperature. Build one with `Predictor.from_checkpoints` or `ecg-inception-predict A.ckpt --member B.ckpt`.
+own temperature. Build one with `Predictor.from_checkpoints` or `ecg-inception-predict A.ckpt --member B.ckpt`;
+`EnsembleEvaluation` scores one on a run's split under a Lightning Trainer (`ecg-inception-eval members=[...]`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 
 from ecg_inception.errors import EnsembleError
 from ecg_inception.inference.checkpoint import load_classifier
+from ecg_inception.models.metrics import build_metrics, compute_report
 from ecg_inception.models.module import EcgClassifier
 
 
@@ -99,6 +104,68 @@ def load_ensemble(paths: Sequence[str | Path], map_location: str | torch.device 
         seen[key] = path
     members = [load_classifier(p, map_location=map_location) for p in paths]
     return CheckpointEnsemble(members, [str(p) for p in paths]).eval()
+
+
+class EnsembleEvaluation(pl.LightningModule):
+    """A `CheckpointEnsemble` under `Trainer.validate` / `Trainer.test`, reporting as `EcgClassifier` does.
+
+    Each val/test batch gives the ensemble's probabilities (each member with its own temperature, then the
+    mean); the report holds the same metrics as a single model's (`models.metrics.compute_report`), its loss is the
+    NLL of those probabilities, and `last_logits` keeps their logarithms with `temperature` 1, so that a
+    calibration report of them measures the ensemble's probabilities as they are.
+
+    Args:
+        ensemble: The loaded members.
+    """
+
+    def __init__(self, ensemble: CheckpointEnsemble) -> None:
+        super().__init__()
+        self.ensemble = ensemble.eval()
+        self.labels = ensemble.labels
+        self.temperature = 1.0
+        self.eval_metrics = nn.ModuleDict({s: build_metrics(len(self.labels)) for s in ("val", "test")})
+        self.eval_loss = nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
+        self.last_reports: dict[str, dict[str, Any]] = {}
+        self.last_logits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._collected: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
+
+    def _step(self, batch: Any, stage: str) -> None:
+        x, y = EcgClassifier._unpack(batch)
+        if y is None:
+            raise ValueError(f"{stage} batch without labels: an ensemble is evaluated on labelled pages only")
+        log_probs = self.ensemble(x).float().clamp_min(1e-12).log()
+        self.eval_loss[stage].update(F.nll_loss(log_probs, y), weight=len(y))
+        self.eval_metrics[stage].update(log_probs.exp(), y)
+        self._collected[stage].append((log_probs.detach().cpu(), y.detach().cpu()))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """Accumulate the ensemble's validation metrics."""
+        self._step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """Accumulate the ensemble's test metrics."""
+        self._step(batch, "test")
+
+    def _finish(self, stage: str) -> None:
+        collected, self._collected[stage] = self._collected[stage], []
+        if not collected:
+            return
+        self.last_logits[stage] = (torch.cat([z for z, _ in collected]), torch.cat([t for _, t in collected]))
+        report = compute_report(self.eval_metrics[stage], self.labels, float(self.eval_loss[stage].compute()))
+        self.eval_metrics[stage].reset()
+        self.eval_loss[stage].reset()
+        self.last_reports[stage] = report
+        logged = {"loss": report["loss"], "acc": report["accuracy"], "f1_macro": report["f1_macro"],
+                  "auroc_macro": report["auroc_macro"]}  # fmt: skip
+        self.log_dict({f"{stage}/{k}": float(v) for k, v in logged.items() if v is not None}, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        """Keep the validation report in `last_reports['val']`."""
+        self._finish("val")
+
+    def on_test_epoch_end(self) -> None:
+        """Keep the test report in `last_reports['test']`."""
+        self._finish("test")
 
 
 def _first_difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, Any, Any] | None:
