@@ -1,4 +1,5 @@
-"""`ecg-inception-eval ckpt_path=... [overrides]`: a thin Hydra wrapper around `ecg_inception.training.evaluate`."""
+"""`ecg-inception-eval ckpt_path=... [members=[...]] [overrides]`: a thin Hydra wrapper around
+`ecg_inception.training.evaluate`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ PROG = "ecg-inception-eval"
 
 @hydra.main(version_base="1.3", config_path="pkg://ecg_inception.conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    """Evaluate a checkpoint on its run's split (or a whole folder: eval_all=true) and write metrics.json.
+    """Evaluate a checkpoint (or it and `members` as a seed ensemble) on its run's split (or a whole folder:
+    eval_all=true) and write metrics.json.
 
     Exits 2 with the message alone on a library error (a bad value, folder or checkpoint).
     """
