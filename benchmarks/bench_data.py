@@ -36,7 +36,7 @@ from _common import (
     start_cpu_benchmark,
 )
 
-from ecg_inception.data import cache as cache_module
+from ecg_inception.core.hashing import clear_sha_memo
 from ecg_inception.data.datamodule import EcgDataModule
 
 TARGET_SPEEDUP = 10.0
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             dm.setup("fit")
             loader = dm.train_dataloader()
-            cache_module._SHA_MEMO.clear()  # a fresh process hashes every file once
+            clear_sha_memo()  # a fresh process hashes every file once
             e1, n = time_epoch(loader)
             e2 = None if reuse else time_epoch(loader)[0]
             del loader

@@ -47,3 +47,28 @@ def test_bench_short_sweep_runs_both_modes_and_reports_its_ceiling(tmp_path: Pat
     ceiling = checks["head: ceiling, uncached / (cached less jobs 2..N)"]["value"]
     assert 0 < speedup <= ceiling
     assert checks["head: cached job wall, jobs 2..N (mean)"]["value"] > 0
+
+
+def test_bench_data_runs_every_configuration(tmp_path: Path) -> None:
+    """Before the fix the script died at its first timed epoch: it cleared a per-process hash memo that had moved
+    to `core.hashing` (now cleared through `clear_sha_memo`)."""
+    out = tmp_path / "data.json"
+    proc = run_benchmark("bench_data", "--per-class", "4", "--scale", "0.25", "--repeats", "1", "--batch-size", "2",
+                         "--image-size", "75", "--threads", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    epochs = report["figures"]["epochs"]
+    assert report["figures"]["train_images"] > 0
+    assert all(len(e["epoch1"]) == 1 and e["epoch1"][0] > 0 for e in epochs.values())
+    assert {c["name"] for c in report["checks"]} >= {"speed-up epoch 1 -> 2 with cache, augment off"}
+
+
+def test_clear_sha_memo_makes_the_next_hash_read_the_file(tmp_path: Path) -> None:
+    from ecg_inception.core import hashing
+
+    page = tmp_path / "page.jpg"
+    page.write_bytes(b"one")
+    first = hashing.file_sha256(page)
+    assert len(hashing._SHA_MEMO) >= 1
+    hashing.clear_sha_memo()
+    assert not hashing._SHA_MEMO and hashing.file_sha256(page) == first

@@ -32,3 +32,9 @@ def file_sha256(path: str | Path) -> str:
     with _SHA_LOCK:
         _SHA_MEMO[memo_key] = value
     return value
+
+
+def clear_sha_memo() -> None:
+    """Forget every memoised file hash, as a fresh process starts (benchmarks that time the first epoch)."""
+    with _SHA_LOCK:
+        _SHA_MEMO.clear()
