@@ -26,10 +26,16 @@ from ecg_inception.callbacks import BestWeights, FiniteLoss
 from ecg_inception.core.locks import file_lock
 from ecg_inception.core.provenance import software
 from ecg_inception.data.datamodule import EcgDataModule
+from ecg_inception.data.manifest import Manifest
 from ecg_inception.data.settings import check_run_data
-from ecg_inception.data.whole_folder import check_folder, training_copies, write_whole_folder_manifest
+from ecg_inception.data.whole_folder import (
+    check_folder,
+    trained_on,
+    training_copies,
+    write_whole_folder_manifest,
+)
 from ecg_inception.distributed import is_rank_zero
-from ecg_inception.errors import ConfigValueError, DatasetError
+from ecg_inception.errors import ConfigValueError, DatasetError, EnsembleError
 from ecg_inception.features.trunk_cache import TrunkCachedDataModule, use_trunk_cache
 from ecg_inception.inference.ensemble import EnsembleEvaluation, load_ensemble
 from ecg_inception.models.backbone import check_pretrained_available
@@ -215,6 +221,34 @@ def _eval_members(cfg: DictConfig) -> list[Path]:
     if isinstance(members, (str, bytes)) or not OmegaConf.is_list(members):
         raise ConfigValueError(f"members={members!r}: give a list of checkpoint files, e.g. members=[b.ckpt,c.ckpt]")
     return [Path(str(m)) for m in members]
+
+
+def _members_trained_on(members: list[Path], manifest: Manifest, splits: list[str],
+                        eval_all: bool) -> dict[str, int | None]:
+    """Per ensemble member, how many scored pages its run trained on (same bytes or duplicate group; None: its
+    run's splits.csv is not beside it, which is logged). On a run split any such page is refused: an ensemble
+    is scored on pages none of its members saw, as a single model is; with eval_all it is counted, as for the
+    checkpoint itself.
+
+    Raises:
+        EnsembleError: a member whose run trained on a page of the split being scored.
+    """
+    rows = [r for r in manifest.rows if r.split in splits]
+    out: dict[str, int | None] = {}
+    for member in members:
+        run_manifest = member.parent.parent / SPLITS_FILE
+        seen = trained_on(rows, run_manifest)
+        out[str(member)] = None if seen is None else len(seen)
+        if seen is None:
+            log.warning("%s: no %s beside it (%s): cannot check that its run never trained on the pages scored here",
+                        member, SPLITS_FILE, run_manifest)
+        elif seen and not eval_all:
+            raise EnsembleError(
+                f"{member}: its run trained on {len(seen)} of the {len(rows)} pages scored here (same file or "
+                f"duplicate group in the training split of {run_manifest}; e.g. {seen[0]}): ensemble members must "
+                f"share the checkpoint's split (the same data.root and data.seed, other training seeds)"
+            )
+    return out
 
 
 def _with_calibration(model: EcgClassifier | EnsembleEvaluation, split: str) -> dict[str, Any] | None:
@@ -562,6 +596,7 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         )
     if cfg.data.get("root") is not None:  # a folder given to eval: its classes must be the checkpoint's
         check_folder(datamodule.dataset_root(), labels or list(datamodule.labels), datamodule.manifest)
+    members_trained_on = _members_trained_on(members, datamodule.manifest, splits, bool(cfg.get("eval_all", False)))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False)
     logged: dict[str, float] = {}
@@ -583,7 +618,8 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     }
     if isinstance(scored, EnsembleEvaluation):
         metrics["ensemble"] = {"members": [str(ckpt), *map(str, members)],
-                               "temperatures": scored.ensemble.temperatures}  # fmt: skip
+                               "temperatures": scored.ensemble.temperatures,
+                               "members_trained_on": members_trained_on}  # fmt: skip
     for split in splits:
         metrics[split] = _with_calibration(scored, split)
     if cfg.get("eval_all", False):

@@ -186,3 +186,51 @@ def test_eval_refuses_members_it_cannot_average(tiny_run: dict, tmp_path: Path) 
     with pytest.raises(ConfigValueError, match="members=.*give a list"):
         evaluate(_eval_cfg(tiny_run["ckpt"], tmp_path / "c", f"members={renamed}"))
     assert not (tmp_path / "a" / "metrics.json").exists()
+
+
+def _member_in_run(tiny_run: dict, run: Path, swap: tuple[str, str] | None = None) -> Path:
+    """A copy of the second-member variant inside `run/checkpoints/`, beside a copy of the tiny run's splits.csv
+    (with the rows of split `swap[0]` moved to `swap[1]`)."""
+    (run / "checkpoints").mkdir(parents=True)
+    lines = (tiny_run["run"] / "splits.csv").read_text().splitlines(keepends=True)
+    head = [line for line in lines if line.startswith("#")]
+    rows = list(csv.DictReader(line for line in lines if not line.startswith("#")))
+    for row in rows:
+        if swap and row["split"] == swap[0]:
+            row["split"] = swap[1]
+    with (run / "splits.csv").open("w", newline="") as fh:
+        fh.writelines(head)
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return _variant(tiny_run, run / "checkpoints" / "best.ckpt", seed=3)
+
+
+def test_eval_refuses_a_member_that_trained_on_the_scored_pages(tiny_run: dict, tmp_path: Path, one_thread) -> None:
+    """A member from another split has trained on pages the checkpoint's split tests: scoring that ensemble on
+    this split would leak, so it is refused; a member of the same split is checked and counted 0."""
+    from ecg_inception.training import evaluate
+
+    same = _member_in_run(tiny_run, tmp_path / "same_split")
+    result, _ = evaluate(_eval_cfg(tiny_run["ckpt"], tmp_path / "ok", f"members=[{same}]", "splits=[test]"))
+    assert result["ensemble"]["members_trained_on"] == {str(same): 0}
+    other = _member_in_run(tiny_run, tmp_path / "other_split", swap=("test", "train"))
+    n_test = len(tiny_run["objects"]["datamodule"].manifest.split_rows("test"))
+    with pytest.raises(EnsembleError, match=rf"other_split/checkpoints/best.ckpt: its run trained on {n_test} of "
+                                            rf"the {n_test} pages scored here"):  # fmt: skip
+        evaluate(_eval_cfg(tiny_run["ckpt"], tmp_path / "leak", f"members=[{other}]", "splits=[test]"))
+    assert not (tmp_path / "leak" / "metrics.json").exists()
+
+
+def test_trained_on_counts_duplicate_groups_not_only_byte_copies(tmp_path: Path) -> None:
+    from ecg_inception.data.manifest import ManifestRow
+    from ecg_inception.data.whole_folder import trained_on
+
+    run = tmp_path / "splits.csv"
+    run.write_text("path,label,group,split,sha256\n"
+                   "a.jpg,normal,g1,train,aaa\nb.jpg,normal,g2,test,bbb\n")  # fmt: skip
+    rows = [ManifestRow("x.jpg", "normal", "g1", "test", "xxx"),  # a near-duplicate of a.jpg (same group)
+            ManifestRow("y.jpg", "normal", "g9", "test", "aaa"),  # a byte copy of a.jpg under another group
+            ManifestRow("z.jpg", "normal", "g2", "test", "bbb")]  # fmt: skip
+    assert trained_on(rows, run) == ["x.jpg", "y.jpg"]
+    assert trained_on(rows, tmp_path / "absent.csv") is None

@@ -118,7 +118,35 @@ def training_copies(sha256s: Iterable[str], run_manifest: str | Path | None) -> 
     if run_manifest is None or not Path(run_manifest).is_file():
         out["note"] = "the checkpoint's run manifest (splits.csv) was not found: overlap with training unknown"
         return out
+    train, _ = _training_split(Path(run_manifest))
+    out["manifest"] = str(run_manifest)
+    out["in_train"] = sum(1 for h in hashes if h in train)
+    out["note"] = f"{out['in_train']} of {len(hashes)} evaluated files are byte copies of training files"
+    return out
+
+
+def trained_on(rows: Iterable[ManifestRow], run_manifest: str | Path) -> list[str] | None:
+    """The evaluated rows another run trained on: same bytes, or the same duplicate group, in its training split.
+
+    Args:
+        rows: the rows being scored.
+        run_manifest: the splits.csv of the other run (e.g. an ensemble member's).
+
+    Returns:
+        The paths of those rows (empty when none), or None when `run_manifest` does not exist.
+
+    Raises:
+        ManifestError: when the run's manifest cannot be read.
+    """
     path = Path(run_manifest)
+    if not path.is_file():
+        return None
+    shas, groups = _training_split(path)
+    return [r.path for r in rows if (r.sha256 and r.sha256 in shas) or (r.group and r.group in groups)]
+
+
+def _training_split(path: Path) -> tuple[set[str], set[str]]:
+    """The sha256s and the duplicate groups of the training split of the run manifest at `path`."""
     try:
         with path.open(newline="", encoding="utf-8") as fh:
             records = list(csv.DictReader(line for line in fh if not line.startswith("#")))
@@ -126,8 +154,5 @@ def training_copies(sha256s: Iterable[str], run_manifest: str | Path | None) -> 
         raise ManifestError(f"{path}: cannot read the run's split manifest ({exc})") from exc
     if records and not {"split", "sha256"} <= set(records[0]):
         raise ManifestError(f"{path}: the run's split manifest has no split/sha256 columns")
-    train = {r["sha256"] for r in records if r.get("split") == "train" and r.get("sha256")}
-    out["manifest"] = str(path)
-    out["in_train"] = sum(1 for h in hashes if h in train)
-    out["note"] = f"{out['in_train']} of {len(hashes)} evaluated files are byte copies of training files"
-    return out
+    train = [r for r in records if r.get("split") == "train"]
+    return {r["sha256"] for r in train if r.get("sha256")}, {r["group"] for r in train if r.get("group")}
