@@ -11,7 +11,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
@@ -552,11 +552,13 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, Any], dict[str, Any]]:
         )
     ckpt = resolve_ckpt_path(str(cfg.ckpt_path), output_dir, Path(str(cfg.paths.log_dir)), "train")
     assert ckpt is not None
-    model = EcgClassifier.from_checkpoint(ckpt)
     members = _eval_members(cfg)
-    scored: EcgClassifier | EnsembleEvaluation = model
+    scored: EcgClassifier | EnsembleEvaluation
     if members:  # checked (labels, preprocessing, files) before any data is touched
         scored = EnsembleEvaluation(load_ensemble([ckpt, *members]))
+        model = cast(EcgClassifier, scored.ensemble.members[0])  # ckpt's own: it sets up the data, as below
+    else:
+        model = scored = EcgClassifier.from_checkpoint(ckpt)
     prep = dict(model.hparams.get("preprocessing") or {})  # checked by load_checkpoint: plain, allowed values
     overrides: dict[str, Any] = _run_data_settings(cfg, ckpt)
     for key_ckpt, key_data in (
