@@ -168,6 +168,8 @@ def test_eval_scores_an_ensemble_on_the_runs_split(tiny_run: dict, second_member
         assert calibration["temperature"] == 1.0 and calibration["nll_before"] == pytest.approx(nll, abs=1e-4)
     single, _ = evaluate(_eval_cfg(tiny_run["ckpt"], tmp_path / "one"))
     assert "ensemble" not in single
+    # the same scalars under the same names as a single model's (less the best-so-far a fit tracks)
+    assert set(result["logged"]) == set(single["logged"]) - {"val/acc_best"}
     assert single["test"]["confusion_matrix"] == tiny_run["metrics"]["test"]["confusion_matrix"]
     assert single["test"]["loss"] == pytest.approx(tiny_run["metrics"]["test"]["loss"], rel=1e-4)
     assert single["test"]["loss"] != pytest.approx(result["test"]["loss"], abs=1e-4)

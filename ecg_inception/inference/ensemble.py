@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric
 
 from ecg_inception.errors import EnsembleError
 from ecg_inception.inference.checkpoint import load_classifier
-from ecg_inception.models.metrics import build_metrics, compute_report
+from ecg_inception.models.metrics import build_metrics, finish_stage
 from ecg_inception.models.module import EcgClassifier
 
 
@@ -148,16 +148,12 @@ class EnsembleEvaluation(pl.LightningModule):
 
     def _finish(self, stage: str) -> None:
         collected, self._collected[stage] = self._collected[stage], []
-        if not collected:
-            return
-        self.last_logits[stage] = (torch.cat([z for z, _ in collected]), torch.cat([t for _, t in collected]))
-        report = compute_report(self.eval_metrics[stage], self.labels, float(self.eval_loss[stage].compute()))
-        self.eval_metrics[stage].reset()
-        self.eval_loss[stage].reset()
-        self.last_reports[stage] = report
-        logged = {"loss": report["loss"], "acc": report["accuracy"], "f1_macro": report["f1_macro"],
-                  "auroc_macro": report["auroc_macro"]}  # fmt: skip
-        self.log_dict({f"{stage}/{k}": float(v) for k, v in logged.items() if v is not None}, sync_dist=True)
+        if collected:
+            self.last_logits[stage] = (torch.cat([z for z, _ in collected]), torch.cat([t for _, t in collected]))
+        finished = finish_stage(self.eval_metrics[stage], self.eval_loss[stage], self.labels, stage)
+        if finished is not None:
+            self.last_reports[stage], scalars = finished
+            self.log_dict(scalars, sync_dist=True)  # the single model's scalars, under the same names
 
     def on_validation_epoch_end(self) -> None:
         """Keep the validation report in `last_reports['val']`."""

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassAUROC,
@@ -89,3 +89,31 @@ def report_from_predictions(
     collection = build_metrics(len(labels))
     collection.update(probs.float(), target.long())
     return compute_report(collection, labels, loss)
+
+
+#: The report keys logged as `<stage>/<name>` scalars at the end of a val/test epoch (report key -> name).
+LOGGED_KEYS = {"loss": "loss", "accuracy": "acc", "f1_macro": "f1_macro", "precision_macro": "precision_macro",
+               "recall_macro": "recall_macro", "auroc_macro": "auroc_macro"}
+
+
+def finish_stage(collection: MetricCollection, loss: MeanMetric, labels: Sequence[str],
+                 stage: str) -> tuple[dict[str, Any], dict[str, float]] | None:
+    """The report of one val/test epoch from its accumulated metrics and loss, which are then reset.
+
+    Args:
+        collection: The stage's `build_metrics` collection.
+        loss: The stage's mean loss.
+        labels: Class names in output order.
+        stage: "val" or "test" (the prefix of the logged names).
+
+    Returns:
+        `(report, scalars)`: the `compute_report` dict and the `<stage>/<name>` scalars to log (`LOGGED_KEYS`,
+        those that are not None); None when the epoch saw no predictions.
+    """
+    if not collection["confusion_matrix"].update_called:
+        return None
+    report = compute_report(collection, labels, float(loss.compute()))
+    collection.reset()
+    loss.reset()
+    scalars = {f"{stage}/{name}": float(report[key]) for key, name in LOGGED_KEYS.items() if report[key] is not None}
+    return report, scalars

@@ -36,7 +36,7 @@ from ecg_inception.models.freezing import (
     set_frozen_bn_eval,
     warn_frozen_random,
 )
-from ecg_inception.models.metrics import build_metrics, compute_report
+from ecg_inception.models.metrics import build_metrics, finish_stage
 from ecg_inception.models.optim import (  # noqa: F401 - re-exported: the names users know from this module
     ALLOWED_OPTIMIZERS,
     ALLOWED_SCHEDULERS,
@@ -414,17 +414,12 @@ class EcgClassifier(pl.LightningModule):
         collected, self._epoch_logits[stage] = self._epoch_logits[stage], []
         if collected:
             self.last_logits[stage] = (torch.cat([z for z, _ in collected]), torch.cat([t for _, t in collected]))
-        metrics, loss = self.eval_metrics[stage], self.eval_loss[stage]
-        if not metrics["confusion_matrix"].update_called:
+        finished = finish_stage(self.eval_metrics[stage], self.eval_loss[stage], self.labels, stage)
+        if finished is None:
             return None
-        report = compute_report(metrics, self.labels, float(loss.compute()))
-        metrics.reset()
-        loss.reset()
-        logged = {"loss": report["loss"], "acc": report["accuracy"]}
-        for key in ("f1_macro", "precision_macro", "recall_macro", "auroc_macro"):
-            logged[key] = report[key]
+        report, scalars = finished
         # Already reduced over ranks by torchmetrics; sync_dist only silences Lightning's DDP advice.
-        self.log_dict({f"{stage}/{k}": float(v) for k, v in logged.items() if v is not None}, sync_dist=True)
+        self.log_dict(scalars, sync_dist=True)
         return report
 
     def on_validation_epoch_end(self) -> None:
